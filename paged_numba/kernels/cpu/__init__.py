@@ -1,0 +1,1 @@
+"""CPU kernels: parallel ``@numba.njit`` loops, compiled with ``cache=True``."""

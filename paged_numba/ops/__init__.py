@@ -1,0 +1,109 @@
+"""The functional API: NumPy arrays in -> NumPy arrays out; Tensors in -> Tensors out.
+
+Each op validates once (``ops/config.py``), moves NumPy inputs onto the runtime, calls the
+runtime's client, and hands results back in the form the inputs came in. ``block_table`` and
+``seq_lens`` are host-side metadata and may be NumPy arrays (or lists) whatever the runtime.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import DType, from_storage, to_storage
+from ..runtime import get_runtime
+from ..tensor import Tensor
+from .config import bwd_config, fwd_config, fwd_fp8_config
+
+
+def _pick_runtime(arrays: dict, runtime):
+    """(runtime, tensors_in) for the data arguments ``arrays`` (name -> value)."""
+    tensors = {n: a for n, a in arrays.items() if isinstance(a, Tensor)}
+    if tensors:
+        if len(tensors) != len(arrays):
+            plain = next(n for n in arrays if n not in tensors)
+            first = next(iter(tensors))
+            raise ValueError(f"{plain}: expected a pn.Tensor like {first}, got {type(arrays[plain]).__name__} "
+                             "(pass all data arguments as Tensors, or all as NumPy arrays)")
+        rts = {id(t.runtime): t.runtime for t in tensors.values()}
+        if len(rts) > 1:
+            where = ", ".join(f"{n} on {t.runtime.name!r}" for n, t in tensors.items())
+            raise ValueError(f"inputs are on different runtimes ({where}); move them with .to()")
+        rt = next(iter(rts.values()))
+        if runtime is not None and get_runtime(runtime) is not rt:
+            raise ValueError(f"runtime: {get_runtime(runtime).name!r} given, but the inputs are on {rt.name!r}")
+        return rt, True
+    return get_runtime(runtime), False
+
+
+def _storage(x, dt: DType, rt):
+    """Storage of ``x`` on ``rt`` (zero-copy for Tensors and contiguous NumPy arrays on cpu)."""
+    if isinstance(x, Tensor):
+        return x.storage
+    arr = np.asarray(x)
+    if arr.dtype != dt.storage:
+        arr = arr.astype(dt.numpy, copy=False).view(dt.storage) if arr.dtype != dt.numpy else arr.view(dt.storage)
+    return rt.from_host(np.ascontiguousarray(arr))
+
+
+def _wrap(storage, dt: DType, rt, as_tensor: bool):
+    if as_tensor:
+        return Tensor(storage, dt, rt)
+    host = storage if isinstance(storage, np.ndarray) else rt.to_host(storage)
+    return from_storage(host, dt)
+
+
+def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
+                        seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
+                        *, seq_lens=None, scale=None, runtime=None):
+    """Paged attention forward -> ``(out [B, H, Sq, D] in q's dtype, lse float32 [B, H, Sq])``.
+
+    ``q`` [B, H, Sq, D]; ``k_blocks``, ``v_blocks`` [N, bs, Hkv, D] (or [N, bs, D]), q's dtype
+    (F32 / F16 / BF16); ``block_table`` int [B, M]: token t of sequence b is slot ``t % bs`` of
+    block ``block_table[b, t // bs]``; ``seq_lens`` int [B] (default ``seq_len_k``, else M * bs).
+    Causal masks are bottom-right aligned. See SPEC.md for the full contract.
+    """
+    rt, as_tensor = _pick_runtime({"q": q, "k_blocks": k_blocks, "v_blocks": v_blocks}, runtime)
+    cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
+                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
+    out, lse = rt.client.paged_attention_fwd(
+        cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
+        _storage(v_blocks, cfg.kv_dtype, rt))
+    return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
+
+
+def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
+                            seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None,
+                            causal=False, q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0,
+                            *, seq_lens=None, scale=None, fp8_format=None, runtime=None):
+    """Paged attention forward over an FP8 KV cache -> ``(out, lse)``.
+
+    ``k_blocks``, ``v_blocks``: FP8 (ml_dtypes ``float8_e4m3fn`` / ``float8_e5m2``, or ``uint8`` with
+    ``fp8_format``); ``q``: FP8 of the same format or F32 / F16 / BF16. Real value = code x scale for
+    q, k, v; the stored output is o / o_scale in q's dtype (FP8 saturating).
+    """
+    rt, as_tensor = _pick_runtime({"q": q, "k_blocks": k_blocks, "v_blocks": v_blocks}, runtime)
+    cfg = fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
+                         seq_len_k, head_dim, block_size, causal, q_scale, k_scale, v_scale, o_scale,
+                         seq_lens=seq_lens, scale=scale, fp8_format=fp8_format)
+    out, lse = rt.client.paged_attention_fwd_fp8(
+        cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
+        _storage(v_blocks, cfg.kv_dtype, rt))
+    return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
+
+
+def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
+                        num_kv_heads=None, seq_len_q=None, seq_len_k=None, head_dim=None,
+                        block_size=None, causal=False, *, seq_lens=None, scale=None, runtime=None):
+    """Paged attention backward -> ``(dq, dk_blocks, dv_blocks)``; gradients of blocks shared by
+    several sequences are summed, slots no valid token reads are zero."""
+    data = {"dout": dout, "q": q, "k_blocks": k_blocks, "v_blocks": v_blocks, "output": output, "lse": lse}
+    rt, as_tensor = _pick_runtime(data, runtime)
+    cfg = bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads, num_kv_heads,
+                     seq_len_q, seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
+    qd, kd = cfg.q_dtype, cfg.kv_dtype
+    dq, dk, dv = rt.client.paged_attention_bwd(
+        cfg, _storage(dout, qd, rt), _storage(q, qd, rt), _storage(k_blocks, kd, rt),
+        _storage(v_blocks, kd, rt), _storage(output, qd, rt), _storage(lse, DType.F32, rt))
+    return (_wrap(dq, qd, rt, as_tensor), _wrap(dk, kd, rt, as_tensor), _wrap(dv, kd, rt, as_tensor))
+
+
+__all__ = ["paged_attention_bwd", "paged_attention_fwd", "paged_attention_fwd_fp8"]

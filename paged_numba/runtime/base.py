@@ -1,0 +1,74 @@
+"""Runtime, Device and Client: the interface every backend implements (numr's Runtime, boostr's
+``PagedAttentionOps``).
+
+A ``Runtime`` owns a ``Device`` and a ``Client``. The client implements the ops on storage arrays
+and a validated ``PagedAttnConfig`` (``ops/config.py``); it never re-checks arguments.
+
+Symbols: B batch, H query heads, Hkv KV heads, Sq queries per sequence, D head_dim, N physical
+blocks, bs block_size, M max blocks per sequence. Storage shapes as the client receives them:
+``q`` [B, H, Sq, D]; ``k``, ``v`` [N, bs, Hkv, D] (always 4-D); ``cfg.block_table`` int32 [B, M];
+``cfg.seq_lens`` int32 [B]. Token t of sequence b is slot ``t % bs`` of block ``block_table[b, t // bs]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Device:
+    def __init__(self, kind: str, index: int = 0, description: str = ""):
+        self.kind = kind
+        self.index = index
+        self.description = description
+
+    def __repr__(self) -> str:
+        extra = f", {self.description!r}" if self.description else ""
+        return f"Device({self.kind}:{self.index}{extra})"
+
+
+class Client:
+    """The ops of one runtime. Inputs are storage arrays on that runtime; outputs are new ones."""
+
+    runtime: "Runtime"
+
+    def paged_attention_fwd(self, cfg, q, k, v):
+        """-> (out [B, H, Sq, D] in q's storage dtype, lse float32 [B, H, Sq])."""
+        raise NotImplementedError(f"paged_attention_fwd is not implemented on {self.runtime.name!r}")
+
+    def paged_attention_fwd_fp8(self, cfg, q, k, v):
+        """FP8 k / v (uint8 storage); -> (out in q's storage dtype, lse float32)."""
+        raise NotImplementedError(f"paged_attention_fwd_fp8 is not implemented on {self.runtime.name!r}")
+
+    def paged_attention_bwd(self, cfg, dout, q, k, v, out, lse):
+        """-> (dq like q, dk like k, dv like v)."""
+        raise NotImplementedError(f"paged_attention_bwd is not implemented on {self.runtime.name!r}")
+
+
+class Runtime:
+    """A backend: ``name``, ``device``, ``client``, and the storage moves the Tensor layer needs."""
+
+    name: str = "?"
+    device: Device
+    client: Client
+
+    def synchronize(self) -> None:
+        """Wait until all work submitted on this runtime has finished."""
+
+    def from_host(self, arr: np.ndarray):
+        """Native storage holding a copy of (or, on cpu, the same) C-contiguous host array."""
+        raise NotImplementedError
+
+    def to_host(self, storage) -> np.ndarray:
+        """A host NumPy copy of native storage."""
+        raise NotImplementedError
+
+    def from_external(self, obj):
+        """(storage, numpy dtype) from an object with ``__cuda_array_interface__``, zero-copy."""
+        raise TypeError(f"runtime {self.name!r} cannot take objects with __cuda_array_interface__; "
+                        "use the 'cuda' runtime or pass a NumPy array")
+
+    def is_native(self, obj) -> bool:
+        """Whether ``obj`` is this runtime's storage type."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<Runtime {self.name!r} on {self.device!r}>"

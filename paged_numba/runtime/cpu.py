@@ -1,0 +1,67 @@
+"""The ``cpu`` runtime: storage is NumPy arrays; ops run as parallel ``@njit`` kernels."""
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+
+from ..dtypes import DType, decode_table
+from .base import Client, Device, Runtime
+
+_TQ = 32  # queries per parallel work item (times G query heads)
+_NO_TABLE = np.zeros(1, np.float32)
+
+
+def _table(dt: DType) -> np.ndarray:
+    return decode_table(dt) if dt in (DType.F16, DType.FP8_E4M3, DType.FP8_E5M2) else _NO_TABLE
+
+
+def _encode(out32: np.ndarray, dt: DType) -> np.ndarray:
+    """float32 result -> storage of ``dt`` (round to nearest even)."""
+    if dt == DType.F32:
+        return out32
+    if dt == DType.F16:
+        return out32.astype(np.float16).view(np.uint16)
+    if dt == DType.BF16:
+        return out32.astype(ml_dtypes.bfloat16).view(np.uint16)
+    raise AssertionError(dt)
+
+
+class CpuClient(Client):
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def paged_attention_fwd(self, cfg, q, k, v):
+        from ..kernels.cpu.paged_attention import fwd_kernel
+
+        k4 = k.reshape(cfg.kv_shape)
+        v4 = v.reshape(cfg.kv_shape)
+        out = np.empty(cfg.q_shape, np.float32)
+        lse = np.empty(cfg.q_shape[:3], np.float32)
+        if out.size:
+            kern = fwd_kernel(cfg.q_dtype.code, cfg.kv_dtype.code)
+            kern(q, k4, v4, cfg.block_table, cfg.seq_lens, cfg.scale, cfg.causal, _TQ,
+                 _table(cfg.q_dtype), _table(cfg.kv_dtype), out, lse)
+        elif lse.size:
+            lse.fill(-np.inf)
+        return _encode(out, cfg.q_dtype), lse
+
+
+class CpuRuntime(Runtime):
+    name = "cpu"
+
+    def __init__(self):
+        import numba
+
+        self.device = Device("cpu", 0, f"{os.cpu_count()} cores, {numba.config.NUMBA_NUM_THREADS} numba threads")
+        self.client = CpuClient(self)
+
+    def from_host(self, arr):
+        return np.ascontiguousarray(arr)
+
+    def to_host(self, storage):
+        return np.array(storage, copy=True)
+
+    def is_native(self, obj):
+        return isinstance(obj, np.ndarray)
