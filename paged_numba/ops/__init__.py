@@ -64,7 +64,7 @@ def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_
     rt, as_tensor = _pick_runtime({"q": q, "k_blocks": k_blocks, "v_blocks": v_blocks}, runtime)
     cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
                      seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
-    out, lse = rt.client.paged_attention_fwd(
+    out, lse = rt.client.run_fwd(
         cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
         _storage(v_blocks, cfg.kv_dtype, rt))
     return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
@@ -84,7 +84,7 @@ def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, 
     cfg = fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
                          seq_len_k, head_dim, block_size, causal, q_scale, k_scale, v_scale, o_scale,
                          seq_lens=seq_lens, scale=scale, fp8_format=fp8_format)
-    out, lse = rt.client.paged_attention_fwd_fp8(
+    out, lse = rt.client.run_fwd_fp8(
         cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
         _storage(v_blocks, cfg.kv_dtype, rt))
     return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
@@ -100,7 +100,7 @@ def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, n
     cfg = bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads, num_kv_heads,
                      seq_len_q, seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
     qd, kd = cfg.q_dtype, cfg.kv_dtype
-    dq, dk, dv = rt.client.paged_attention_bwd(
+    dq, dk, dv = rt.client.run_bwd(
         cfg, _storage(dout, qd, rt), _storage(q, qd, rt), _storage(k_blocks, kd, rt),
         _storage(v_blocks, kd, rt), _storage(output, qd, rt), _storage(lse, DType.F32, rt))
     return (_wrap(dq, qd, rt, as_tensor), _wrap(dk, kd, rt, as_tensor), _wrap(dv, kd, rt, as_tensor))

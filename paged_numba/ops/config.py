@@ -21,6 +21,7 @@ from ..dtypes import FP8_MAX, DType, fp8_dtype, from_numpy_dtype
 from ..tensor import Tensor
 
 FLOAT_TYPES = (DType.F32, DType.F16, DType.BF16)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,6 +212,8 @@ def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_l
     _check_params(params, B, H, Hkv, Sq, D, bs, seq_len_k is not None)
     causal = _check_causal(causal)
     scale = 1.0 / math.sqrt(D) if scale is None else _finite(scale, "scale")
+    if not abs(scale) <= _F32_MAX:
+        raise ValueError(f"scale: expected a float32-representable number (|scale| <= {_F32_MAX:.4g}), got {scale:g}")
     table, lens, M = _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs)
     return dict(B=B, H=H, Hkv=Hkv, Sq=Sq, D=D, N=N, bs=bs, M=M, causal=causal, scale=scale,
                 kv_3d=kv_3d, block_table=table, seq_lens=lens)

@@ -26,19 +26,39 @@ class Device:
 
 
 class Client:
-    """The ops of one runtime. Inputs are storage arrays on that runtime; outputs are new ones."""
+    """The ops of one runtime (boostr's ``PagedAttentionOps``).
+
+    The public methods have the signatures of the module-level functions and run on this client's
+    runtime. A backend implements the ``run_*`` methods: they receive a validated
+    ``PagedAttnConfig`` and storage arrays on this runtime, never re-check, and return new arrays.
+    """
 
     runtime: "Runtime"
 
-    def paged_attention_fwd(self, cfg, q, k, v):
+    def paged_attention_fwd(self, *args, **kwargs):
+        from ..ops import paged_attention_fwd
+
+        return paged_attention_fwd(*args, runtime=self.runtime, **kwargs)
+
+    def paged_attention_fwd_fp8(self, *args, **kwargs):
+        from ..ops import paged_attention_fwd_fp8
+
+        return paged_attention_fwd_fp8(*args, runtime=self.runtime, **kwargs)
+
+    def paged_attention_bwd(self, *args, **kwargs):
+        from ..ops import paged_attention_bwd
+
+        return paged_attention_bwd(*args, runtime=self.runtime, **kwargs)
+
+    def run_fwd(self, cfg, q, k, v):
         """-> (out [B, H, Sq, D] in q's storage dtype, lse float32 [B, H, Sq])."""
         raise NotImplementedError(f"paged_attention_fwd is not implemented on {self.runtime.name!r}")
 
-    def paged_attention_fwd_fp8(self, cfg, q, k, v):
+    def run_fwd_fp8(self, cfg, q, k, v):
         """FP8 k / v (uint8 storage); -> (out in q's storage dtype, lse float32)."""
         raise NotImplementedError(f"paged_attention_fwd_fp8 is not implemented on {self.runtime.name!r}")
 
-    def paged_attention_bwd(self, cfg, dout, q, k, v, out, lse):
+    def run_bwd(self, cfg, dout, q, k, v, out, lse):
         """-> (dq like q, dk like k, dv like v)."""
         raise NotImplementedError(f"paged_attention_bwd is not implemented on {self.runtime.name!r}")
 

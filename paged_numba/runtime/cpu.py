@@ -32,20 +32,32 @@ class CpuClient(Client):
     def __init__(self, runtime):
         self.runtime = runtime
 
-    def paged_attention_fwd(self, cfg, q, k, v):
-        from ..kernels.cpu.paged_attention import fwd_kernel
+    def run_fwd(self, cfg, q, k, v):
+        return self._forward(cfg, q, k, v, cfg.scale, 1.0)
 
-        k4 = k.reshape(cfg.kv_shape)
-        v4 = v.reshape(cfg.kv_shape)
+    def _forward(self, cfg, q, k, v, qk_scale, out_scale):
+        from ..kernels.cpu.paged_attention import paged_attention_fwd
+
         out = np.empty(cfg.q_shape, np.float32)
         lse = np.empty(cfg.q_shape[:3], np.float32)
         if out.size:
-            kern = fwd_kernel(cfg.q_dtype.code, cfg.kv_dtype.code)
-            kern(q, k4, v4, cfg.block_table, cfg.seq_lens, cfg.scale, cfg.causal, _TQ,
-                 _table(cfg.q_dtype), _table(cfg.kv_dtype), out, lse)
+            paged_attention_fwd(q, k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape), cfg.block_table,
+                                cfg.seq_lens, qk_scale, out_scale, cfg.causal, _TQ,
+                                cfg.q_dtype.code, _table(cfg.q_dtype), cfg.kv_dtype.code,
+                                _table(cfg.kv_dtype), out, lse)
+            check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
         return _encode(out, cfg.q_dtype), lse
+
+
+def check_overflow(lse, cfg):
+    """The kernels flag rows with non-finite scores with lse = +inf."""
+    if np.isposinf(lse).any():
+        b, h, i = (int(x) for x in np.argwhere(np.isposinf(lse))[0])
+        raise ValueError(f"scale: the scores of row (b={b}, h={h}, i={i}) are not finite: scale * q . k "
+                         f"overflows float32 (scale={cfg.scale:g}) or q / k_blocks hold inf or NaN "
+                         "in tokens that are read")
 
 
 class CpuRuntime(Runtime):

@@ -20,7 +20,6 @@ never reaches a result. Causal is bottom-right aligned: query i sees keys j <= L
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -37,27 +36,20 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
     0.99999993, 0.69315297, 0.24015453, 0.0558236, 0.00899258, 0.00187623))
 
 
-@functools.cache
-def decoder(code: int):
-    """``load(src, n, dst, tab)``: float32 values of the first ``n`` storage elements of 1-D ``src``
-    into ``dst``. F32 copies, BF16 shifts the bits, F16 / FP8 look them up in ``tab``."""
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def load_row(src, n, dst, code, tab):
+    """float32 values of the first ``n`` storage elements of 1-D ``src`` into ``dst``: F32 copies,
+    BF16 shifts the bits into place, F16 / FP8 look the bits up in ``tab``."""
     if code == F32:
-        @njit(inline="always", fastmath=FASTMATH, cache=True)
-        def load(src, n, dst, tab):
-            for i in range(n):
-                dst[i] = src[i]
+        for i in range(n):
+            dst[i] = src[i]
     elif code == BF16:
-        @njit(inline="always", fastmath=FASTMATH, cache=True)
-        def load(src, n, dst, tab):
-            bits = dst.view(np.uint32)
-            for i in range(n):
-                bits[i] = np.uint32(src[i]) << np.uint32(16)
+        bits = dst.view(np.uint32)
+        for i in range(n):
+            bits[i] = np.uint32(src[i]) << np.uint32(16)
     else:
-        @njit(inline="always", fastmath=FASTMATH, cache=True)
-        def load(src, n, dst, tab):
-            for i in range(n):
-                dst[i] = tab[src[i]]
-    return load
+        for i in range(n):
+            dst[i] = tab[np.intp(src[i])]
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -124,85 +116,90 @@ def accumulate(acc, r, p, Vb, n):
         j += 1
 
 
-@functools.cache
-def fwd_kernel(q_code: int, kv_code: int):
-    """The forward kernel for q stored as ``q_code`` and K/V stored as ``kv_code`` (DType codes)."""
-    load_q = decoder(q_code)
-    load_kv = decoder(kv_code)
-
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
-    def fwd(q, k, v, table, seq_lens, scale, causal, tq, qtab, kvtab, out, lse):
-        B, H, Sq, D = q.shape
-        bs = k.shape[1]
-        Hkv = k.shape[2]
-        G = H // Hkv
-        n_qt = (Sq + tq - 1) // tq
-        qscale = np.float32(scale * LOG2E)
-        for item in prange(B * Hkv * n_qt):
-            # Interleave heavy and light query tiles so static chunks stay balanced under causal.
-            pair = item % n_qt
-            qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
-            b = item // n_qt // Hkv
-            kvh = item // n_qt % Hkv
-            L = seq_lens[b]
-            q0 = qt * tq
-            nq = min(Sq, q0 + tq) - q0
-            R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
-            Qs = np.empty((R, D), np.float32)
-            acc = np.zeros((R, D), np.float32)
-            m = np.full(R, -np.inf, np.float32)
-            lsum = np.zeros(R, np.float32)
-            lim = np.empty(R, np.int64)  # keys visible to the row
-            kmax = 0
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq,
+                        q_code, qtab, kv_code, kvtab, out, lse):
+    """The fused forward. ``qk_scale`` multiplies q . k (softmax scale times any dequantization
+    scales of q and k); ``out_scale`` multiplies the normalized output (v's dequantization scale over
+    the output scale). ``q_code`` / ``kv_code`` are DType codes of the storage; ``qtab`` / ``kvtab``
+    their decode tables (F16, FP8). A row with non-finite scores (inf / NaN in q or k, or scale * q . k
+    overflowing float32) gets ``lse = +inf``; the client raises."""
+    B, H, Sq, D = q.shape
+    bs = k.shape[1]
+    Hkv = k.shape[2]
+    G = H // Hkv
+    n_qt = (Sq + tq - 1) // tq
+    qscale = np.float32(qk_scale * LOG2E)
+    for item in prange(B * Hkv * n_qt):
+        # Interleave heavy and light query tiles so static chunks stay balanced under causal.
+        pair = item % n_qt
+        qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
+        b = item // n_qt // Hkv
+        kvh = item // n_qt % Hkv
+        L = seq_lens[b]
+        q0 = qt * tq
+        nq = min(Sq, q0 + tq) - q0
+        R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
+        Qs = np.empty((R, D), np.float32)
+        acc = np.zeros((R, D), np.float32)
+        m = np.full(R, -np.inf, np.float32)
+        lsum = np.zeros(R, np.float32)
+        lim = np.empty(R, np.int64)  # keys visible to the row
+        kmax = 0
+        for r in range(R):
+            i = q0 + r % nq
+            load_row(q[b, kvh * G + r // nq, i], D, Qs[r], q_code, qtab)
+            for d in range(D):
+                Qs[r, d] *= qscale
+            lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
+            kmax = max(kmax, lim[r])
+        Kb = np.empty((bs, D), np.float32)
+        Vb = np.empty((bs, D), np.float32)
+        S = np.empty((R, bs), np.float32)
+        ebits = np.empty(bs, np.int32)
+        for lb in range((kmax + bs - 1) // bs):
+            phys = table[b, lb]
+            t0 = lb * bs
+            nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
+            for j in range(nj):
+                load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
+                load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
+            scores(Qs, Kb, nj, S)
             for r in range(R):
-                i = q0 + r % nq
-                load_q(q[b, kvh * G + r // nq, i], D, Qs[r], qtab)
+                nvis = min(nj, lim[r] - t0)
+                if nvis <= 0 or m[r] == np.inf:
+                    continue
+                mb = S[r, 0]
+                for j in range(1, nvis):
+                    mb = max(mb, S[r, j])
+                if not abs(mb) < np.inf:  # inf / NaN scores (float32 overflow): flag the row
+                    m[r] = np.inf
+                    continue
+                m_new = max(m[r], mb)
+                alpha = np.float32(math.exp2(m[r] - m_new))
+                exp2_shifted(S[r], nvis, m_new, ebits)
+                psum = np.float32(0.0)
+                for j in range(nvis):
+                    psum += S[r, j]
+                lsum[r] = lsum[r] * alpha + psum
+                m[r] = m_new
+                if alpha != 1.0:
+                    for d in range(D):
+                        acc[r, d] *= alpha
+                accumulate(acc, r, S[r], Vb, nvis)
+        for r in range(R):
+            i = q0 + r % nq
+            h = kvh * G + r // nq
+            if m[r] == -np.inf:  # no visible key
                 for d in range(D):
-                    Qs[r, d] *= qscale
-                lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
-                kmax = max(kmax, lim[r])
-            Kb = np.empty((bs, D), np.float32)
-            Vb = np.empty((bs, D), np.float32)
-            S = np.empty((R, bs), np.float32)
-            ebits = np.empty(bs, np.int32)
-            for lb in range((kmax + bs - 1) // bs):
-                phys = table[b, lb]
-                t0 = lb * bs
-                nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
-                for j in range(nj):
-                    load_kv(k[phys, j, kvh], D, Kb[j], kvtab)
-                    load_kv(v[phys, j, kvh], D, Vb[j], kvtab)
-                scores(Qs, Kb, nj, S)
-                for r in range(R):
-                    nvis = min(nj, lim[r] - t0)
-                    if nvis <= 0:
-                        continue
-                    mb = S[r, 0]
-                    for j in range(1, nvis):
-                        mb = max(mb, S[r, j])
-                    m_new = max(m[r], mb)
-                    alpha = np.float32(math.exp2(m[r] - m_new))
-                    exp2_shifted(S[r], nvis, m_new, ebits)
-                    psum = np.float32(0.0)
-                    for j in range(nvis):
-                        psum += S[r, j]
-                    lsum[r] = lsum[r] * alpha + psum
-                    m[r] = m_new
-                    if alpha != 1.0:
-                        for d in range(D):
-                            acc[r, d] *= alpha
-                    accumulate(acc, r, S[r], Vb, nvis)
-            for r in range(R):
-                i = q0 + r % nq
-                h = kvh * G + r // nq
-                if lsum[r] > 0:
-                    inv = np.float32(1.0) / lsum[r]
-                    for d in range(D):
-                        out[b, h, i, d] = acc[r, d] * inv
-                    lse[b, h, i] = np.float32((m[r] + math.log2(lsum[r])) * LN2)
-                else:
-                    for d in range(D):
-                        out[b, h, i, d] = 0.0
-                    lse[b, h, i] = -np.inf
-
-    return fwd
+                    out[b, h, i, d] = 0.0
+                lse[b, h, i] = -np.inf
+            elif m[r] == np.inf:  # non-finite scores: flagged for the client
+                for d in range(D):
+                    out[b, h, i, d] = np.nan
+                lse[b, h, i] = np.inf
+            else:
+                inv = np.float32(out_scale) / lsum[r]
+                for d in range(D):
+                    out[b, h, i, d] = acc[r, d] * inv
+                lse[b, h, i] = np.float32((m[r] + math.log2(lsum[r])) * LN2)
