@@ -1,4 +1,4 @@
-"""Element types: the public ``DType`` and its NumPy / ml_dtypes mapping.
+"""Element types: the public ``DType``, its NumPy / ml_dtypes mapping, and the FP8 codecs.
 
 Kernels never see float16, bfloat16 or FP8 values as such (numba's CPU target has no float16, and
 CUDA's 16-bit / FP8 helpers break ``cache=True``): they see the *storage* dtype -- ``uint16`` for
@@ -131,19 +131,101 @@ def from_storage(arr: np.ndarray, dtype: DType) -> np.ndarray:
     return arr.view(dtype.numpy)
 
 
-def decode_table(dtype: DType) -> np.ndarray:
-    """float32 value of every code of a 16-bit or 8-bit type, indexed by its storage bits."""
-    return _decode_table(dtype)
-
-
 _TABLES: dict = {}
 
 
-def _decode_table(dtype: DType) -> np.ndarray:
+def decode_table(dtype: DType) -> np.ndarray:
+    """float32 value of every code of F16 or an FP8 type, indexed by its storage bits (read-only)."""
     if dtype not in _TABLES:
-        n = 1 << (8 * dtype.itemsize)
-        codes = np.arange(n, dtype=np.uint32).astype(dtype.storage)
-        table = codes.view(dtype.numpy).astype(np.float32)
+        if dtype.is_fp8:
+            table = fp8_decode_table(dtype)
+        elif dtype == DType.F16:
+            table = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+        else:
+            raise ValueError(f"decode_table: no table for {dtype}")
         table.setflags(write=False)
         _TABLES[dtype] = table
     return _TABLES[dtype]
+
+
+# ------------------------------------------------------------------------------------- FP8
+# E4M3 (OCP "e4m3fn"): 4 exponent bits, bias 7, 3 mantissa bits, no infinities, NaN = S.1111.111,
+#   max finite 448. E5M2: 5 exponent bits, bias 15, 2 mantissa bits, IEEE-like inf / NaN, max 57344.
+# (mantissa bits, exponent bias, largest finite code, NaN code) per format:
+FP8_E4M3_PARAMS = (3, 7, 0x7E, 0x7F)
+FP8_E5M2_PARAMS = (2, 15, 0x7B, 0x7E)
+
+
+def fp8_params(dtype: DType) -> tuple:
+    return FP8_E4M3_PARAMS if dtype == DType.FP8_E4M3 else FP8_E5M2_PARAMS
+
+
+def fp8_decode_table(dtype: DType) -> np.ndarray:
+    """float32 value of each of the 256 codes, from the bit layout (sign, exponent, mantissa)."""
+    mbits, bias, _, _ = fp8_params(dtype)
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    e = (codes >> mbits) & ((0x80 >> mbits) - 1)
+    m = codes & ((1 << mbits) - 1)
+    frac = m / float(1 << mbits)
+    val = np.where(e == 0, frac * 2.0 ** (1 - bias), (1.0 + frac) * 2.0 ** (e - bias))
+    emax = (0x80 >> mbits) - 1
+    if dtype == DType.FP8_E4M3:
+        val = np.where((e == emax) & (m == (1 << mbits) - 1), np.nan, val)
+    else:
+        val = np.where(e == emax, np.where(m == 0, np.inf, np.nan), val)
+    return (sign * val).astype(np.float32)
+
+
+def fp8_encode_bits(u, mbits, bias, max_code, nan_code):
+    """FP8 code (uint8) of the float32 whose bits are ``u`` (uint32): round to nearest even,
+    saturating to +-max finite (infinities included), NaN -> NaN. Integer arithmetic only, so one
+    definition serves numba's CPU and CUDA targets (compiled where it is used) and plain Python."""
+    u = np.uint32(u)
+    sign = np.uint8((u >> np.uint32(24)) & np.uint32(0x80))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):
+        return sign | np.uint8(nan_code)
+    shift = 23 - mbits
+    rebias = 127 - bias                    # float32 exponent minus FP8 exponent
+    # float32 bits of the largest finite FP8 value: exponent (max_code >> mbits), mantissa bits.
+    max_bits = np.uint32((((max_code >> mbits) + rebias) << 23) | ((max_code & ((1 << mbits) - 1)) << shift))
+    if a >= max_bits:
+        return sign | np.uint8(max_code)
+    e = np.int32(a >> np.uint32(23))
+    if e > rebias:                         # FP8 normal range: round the mantissa at ``shift``
+        r = a + np.uint32((1 << (shift - 1)) - 1) + ((a >> np.uint32(shift)) & np.uint32(1))
+        return sign | np.uint8((r >> np.uint32(shift)) - np.uint32(rebias << mbits))
+    s = shift + 1 + rebias - e             # FP8 subnormals: units of 2 ** (1 - bias - mbits)
+    if e == 0 or s >= 25:
+        return sign
+    m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    q = m >> np.uint32(s)
+    rem = m & np.uint32((1 << s) - 1)
+    half = np.uint32(1 << (s - 1))
+    if rem > half or (rem == half and (q & np.uint32(1)) == np.uint32(1)):
+        q += np.uint32(1)
+    return sign | np.uint8(q)
+
+
+def encode_f32(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """float32 array -> storage of ``dtype``, rounding to nearest even (FP8: saturating)."""
+    if dtype == DType.F32:
+        return x
+    if dtype == DType.F16:
+        return x.astype(np.float16).view(np.uint16)
+    if dtype == DType.BF16:
+        return x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    if dtype.is_fp8:
+        return fp8_encode(x, dtype)
+    raise TypeError(f"dtype: cannot encode float32 as {dtype}")
+
+
+def fp8_encode(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """uint8 FP8 codes of a float32 array (same shape), as ``fp8_encode_bits``; parallel njit."""
+    from .kernels.cpu.codecs import fp8_encode_array
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, np.uint8)
+    fp8_encode_array(x.reshape(-1).view(np.uint32), out.reshape(-1), *fp8_params(dtype))
+    return out

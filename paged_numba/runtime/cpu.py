@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 
-import ml_dtypes
 import numpy as np
 
-from ..dtypes import DType, decode_table
+from ..dtypes import DType, decode_table, encode_f32
 from .base import Client, Device, Runtime
 
 _TQ = 32  # queries per parallel work item (times G query heads)
@@ -17,23 +16,16 @@ def _table(dt: DType) -> np.ndarray:
     return decode_table(dt) if dt in (DType.F16, DType.FP8_E4M3, DType.FP8_E5M2) else _NO_TABLE
 
 
-def _encode(out32: np.ndarray, dt: DType) -> np.ndarray:
-    """float32 result -> storage of ``dt`` (round to nearest even)."""
-    if dt == DType.F32:
-        return out32
-    if dt == DType.F16:
-        return out32.astype(np.float16).view(np.uint16)
-    if dt == DType.BF16:
-        return out32.astype(ml_dtypes.bfloat16).view(np.uint16)
-    raise AssertionError(dt)
-
-
 class CpuClient(Client):
     def __init__(self, runtime):
         self.runtime = runtime
 
     def run_fwd(self, cfg, q, k, v):
         return self._forward(cfg, q, k, v, cfg.scale, 1.0)
+
+    def run_fwd_fp8(self, cfg, q, k, v):
+        # Dequantization scales fold into the score scale and the output scale.
+        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
 
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
         from ..kernels.cpu.paged_attention import paged_attention_fwd
@@ -48,7 +40,7 @@ class CpuClient(Client):
             check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
-        return _encode(out, cfg.q_dtype), lse
+        return encode_f32(out, cfg.q_dtype), lse
 
 
 def check_overflow(lse, cfg):
