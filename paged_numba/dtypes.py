@@ -208,6 +208,15 @@ def fp8_encode_bits(u, mbits, bias, max_code, nan_code):
     return sign | np.uint8(q)
 
 
+def decode_f32(storage: np.ndarray, dtype: DType) -> np.ndarray:
+    """Storage of ``dtype`` -> float32 array (the same array when already float32)."""
+    if dtype == DType.F32:
+        return storage
+    if dtype.is_fp8:
+        return decode_table(dtype)[storage]
+    return from_storage(storage, dtype).astype(np.float32)
+
+
 def encode_f32(x: np.ndarray, dtype: DType) -> np.ndarray:
     """float32 array -> storage of ``dtype``, rounding to nearest even (FP8: saturating)."""
     if dtype == DType.F32:

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..dtypes import DType, decode_table, encode_f32
+from ..dtypes import DType, decode_f32, decode_table, encode_f32
 from .base import Client, Device, Runtime
 
 _TQ = 32  # queries per parallel work item (times G query heads)
@@ -41,6 +41,59 @@ class CpuClient(Client):
         elif lse.size:
             lse.fill(-np.inf)
         return encode_f32(out, cfg.q_dtype), lse
+
+    def run_bwd(self, cfg, dout, q, k, v, out, lse):
+        from ..kernels.cpu.paged_attention import LOG2E
+        from ..kernels.cpu.paged_attention_bwd import bwd_delta, bwd_dkdv, bwd_dq
+
+        qd, kd = cfg.q_dtype, cfg.kv_dtype
+        qf, dof, outf = (decode_f32(x, qd) for x in (q, dout, out))
+        k4, v4 = k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape)
+        delta = np.empty(cfg.q_shape[:3], np.float32)
+        dq = np.empty(cfg.q_shape, np.float32)
+        dk = np.zeros(cfg.kv_shape, np.float32)
+        dv = np.zeros(cfg.kv_shape, np.float32)
+        if dq.size:
+            lse2 = (lse * np.float32(LOG2E)).astype(np.float32)
+            bwd_delta(dof, outf, delta)
+            blocks, rd_start, rd_b, rd_lb = block_readers(cfg)
+            if blocks.size:
+                bwd_dkdv(qf, dof, k4, v4, delta, lse2, cfg.seq_lens, cfg.scale, cfg.causal, kd.code,
+                         _table(kd), blocks, rd_start, rd_b, rd_lb, dk, dv)
+            bwd_dq(qf, dof, k4, v4, delta, lse2, cfg.block_table, cfg.seq_lens, cfg.scale, cfg.causal,
+                   _TQ, kd.code, _table(kd), dq)
+        return (encode_f32(dq, qd), encode_f32(dk, kd).reshape(k.shape),
+                encode_f32(dv, kd).reshape(v.shape))
+
+
+def block_readers(cfg):
+    """The inverse of the block table for the backward's dK/dV pass: (blocks, rd_start, rd_b, rd_lb)
+    -- the physical blocks in use and, for ``blocks[u]``, the readers (sequence, logical block)
+    ``rd_b[x], rd_lb[x]`` for x in ``rd_start[u]:rd_start[u + 1]``. Blocks are ordered heavy, light,
+    heavy, ... by their estimated work, so the static halves given to the threads stay balanced."""
+    bs, Sq = cfg.bs, cfg.Sq
+    lens = cfg.seq_lens.astype(np.int64)
+    nblk = (lens + bs - 1) // bs
+    total = int(nblk.sum())
+    rd_b = np.repeat(np.arange(cfg.B), nblk)
+    rd_lb = np.arange(total) - np.repeat(np.cumsum(nblk) - nblk, nblk)
+    phys = cfg.block_table[rd_b, rd_lb].astype(np.int64)
+    # Query rows that see a reader's block (causal: rows i >= t0 - L + Sq).
+    t0 = rd_lb * bs
+    work = Sq - (np.clip(t0 - lens[rd_b] + Sq, 0, Sq) if cfg.causal else np.zeros(total, np.int64))
+    blocks, inv = np.unique(phys, return_inverse=True)
+    per_block = np.bincount(inv, weights=work, minlength=blocks.size)
+    heavy = np.argsort(-per_block, kind="stable")
+    perm = np.empty_like(heavy)
+    perm[0::2] = heavy[: (heavy.size + 1) // 2]
+    perm[1::2] = heavy[(heavy.size + 1) // 2:][::-1]
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(perm.size)
+    order = np.argsort(rank[inv], kind="stable")
+    counts = np.bincount(rank[inv], minlength=blocks.size)
+    rd_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return (blocks[perm].astype(np.int64), rd_start, rd_b[order].astype(np.int64),
+            rd_lb[order].astype(np.int64))
 
 
 def check_overflow(lse, cfg):

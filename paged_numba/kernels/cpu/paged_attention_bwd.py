@@ -1,0 +1,196 @@
+"""Paged-attention backward on the CPU: dq, dk_blocks, dv_blocks, race-free and parallel.
+
+Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequence, D head_dim,
+N physical blocks, bs block_size, M max blocks per sequence.
+
+Arguments (float32 unless said, C-contiguous, validated by ``ops/config.py``):
+
+- ``qf``, ``dof``   [B, H, Sq, D]: q and dout decoded to float32
+- ``k``, ``v``      [N, bs, Hkv, D] storage (float32, or uint16 bits decoded through ``kvtab``)
+- ``delta``         [B, H, Sq]: rowsum(dout * out), the FlashAttention-2 preprocessing
+- ``lse2``          [B, H, Sq]: the forward's lse in base 2 (lse * log2 e); -inf rows are skipped
+- ``table`` int32 [B, M], ``seq_lens`` int32 [B]: token t of sequence b is slot ``t % bs`` of
+  block ``table[b, t // bs]``; causal is bottom-right (query i sees keys j <= L - Sq + i)
+
+Two passes, each partitioned so that no two threads write the same element (no atomics, no
+per-thread copies of the pool):
+
+- ``bwd_dkdv``: one work item per (KV head, physical block in use). It visits every (sequence,
+  logical block) that reads the block -- the inverse of the block table, built by the client --
+  and every query row of the G heads that sees it, so a slot shared by several sequences receives
+  the sum of their gradients. Unread slots stay zero.
+- ``bwd_dq``: one work item per (sequence, KV head, tile of queries), the forward's partition.
+
+P = 2 ** (c * q.k - lse2) with c = scale * log2 e; dP = dout . v; dS = P * (dP - delta);
+dV += P^T dout; dK += scale * dS^T q; dQ += scale * dS k.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .paged_attention import FASTMATH, LOG2E, accumulate, exp2_shifted, load_row, scores
+
+_QCHUNK = 64  # query rows per pass over a block in bwd_dkdv
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def bwd_delta(dof, outf, delta):
+    """``delta[b, h, i] = sum_d dof[b, h, i, d] * outf[b, h, i, d]``."""
+    B, H, Sq, D = dof.shape
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        for i in range(Sq):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += dof[b, h, i, d] * outf[b, h, i, d]
+            delta[b, h, i] = acc
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _probs_and_ds(S, dP, n_rows, nj, c, lse2_rows, delta_rows, first_vis, step_vis, ebits):
+    """Turn scores S into P (in place) and dP into dS (in place) for ``n_rows`` rows and ``nj``
+    keys; row r sees ``first_vis + r * step_vis`` keys (clamped to [0, nj]); others get 0."""
+    for r in range(n_rows):
+        nvis = min(nj, max(0, first_vis + r * step_vis))
+        l2 = lse2_rows[r]
+        if l2 == -np.inf:
+            nvis = 0
+        for j in range(nvis):
+            S[r, j] *= c
+        exp2_shifted(S[r], nvis, l2, ebits)
+        dl = delta_rows[r]
+        for j in range(nvis):
+            dP[r, j] = S[r, j] * (dP[r, j] - dl)
+        for j in range(nvis, nj):
+            S[r, j] = 0.0
+            dP[r, j] = 0.0
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab,
+             blocks, rd_start, rd_b, rd_lb, dk, dv):
+    """dk, dv float32 [N, bs, Hkv, D] (zero on entry). ``blocks`` lists the physical blocks in use;
+    the readers of ``blocks[u]`` are ``(rd_b[x], rd_lb[x])`` for x in ``rd_start[u]:rd_start[u+1]``."""
+    B, H, Sq, D = qf.shape
+    bs = k.shape[1]
+    Hkv = k.shape[2]
+    G = H // Hkv
+    c = np.float32(scale * LOG2E)
+    n_used = blocks.shape[0]
+    for item in prange(Hkv * n_used):
+        kvh = item // n_used
+        n = blocks[item % n_used]
+        # Slots that some reader reads: decode those only (unused slots may hold NaN).
+        nread = 0
+        for x in range(rd_start[item % n_used], rd_start[item % n_used + 1]):
+            nread = max(nread, min(bs, seq_lens[rd_b[x]] - rd_lb[x] * bs))
+        Kb = np.empty((bs, D), np.float32)
+        Vb = np.empty((bs, D), np.float32)
+        for j in range(nread):
+            load_row(k[n, j, kvh], D, Kb[j], kv_code, kvtab)
+            load_row(v[n, j, kvh], D, Vb[j], kv_code, kvtab)
+        dKa = np.zeros((bs, D), np.float32)
+        dVa = np.zeros((bs, D), np.float32)
+        S = np.empty((_QCHUNK, bs), np.float32)
+        dP = np.empty((_QCHUNK, bs), np.float32)
+        PT = np.empty((bs, _QCHUNK), np.float32)
+        ebits = np.empty(bs, np.int32)
+        for x in range(rd_start[item % n_used], rd_start[item % n_used + 1]):
+            b = rd_b[x]
+            L = seq_lens[b]
+            t0 = rd_lb[x] * bs
+            nj = min(bs, L - t0)
+            # Causal: query i sees L - Sq + i + 1 - t0 keys of this block; rows below i0 see none.
+            i0 = max(0, t0 - L + Sq) if causal else 0
+            for g in range(G):
+                h = kvh * G + g
+                for c0 in range(i0, Sq, _QCHUNK):
+                    nr = min(_QCHUNK, Sq - c0)
+                    Qc = qf[b, h, c0:c0 + nr]
+                    dOc = dof[b, h, c0:c0 + nr]
+                    scores(Qc, Kb, nj, S)
+                    scores(dOc, Vb, nj, dP)
+                    first = L - Sq + c0 + 1 - t0 if causal else nj
+                    _probs_and_ds(S, dP, nr, nj, c, lse2[b, h, c0:c0 + nr], delta[b, h, c0:c0 + nr],
+                                  first, 1 if causal else 0, ebits)
+                    for j in range(nj):
+                        for r in range(nr):
+                            PT[j, r] = S[r, j]
+                    accumulate_rows(dVa, PT, dOc, nj, nr)
+                    for j in range(nj):
+                        for r in range(nr):
+                            PT[j, r] = dP[r, j]
+                    accumulate_rows(dKa, PT, Qc, nj, nr)
+        for j in range(nread):
+            for d in range(D):
+                dk[n, j, kvh, d] = dKa[j, d] * scale
+                dv[n, j, kvh, d] = dVa[j, d]
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def accumulate_rows(acc, W, X, nj, nr):
+    """``acc[j] += sum_r W[j, r] * X[r]`` for j < nj, r < nr."""
+    for j in range(nj):
+        accumulate(acc, j, W[j], X, nr)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_code, kvtab, dq):
+    """dq float32 [B, H, Sq, D] (written, every element)."""
+    B, H, Sq, D = qf.shape
+    bs = k.shape[1]
+    Hkv = k.shape[2]
+    G = H // Hkv
+    c = np.float32(scale * LOG2E)
+    n_qt = (Sq + tq - 1) // tq
+    for item in prange(B * Hkv * n_qt):
+        pair = item % n_qt
+        qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
+        b = item // n_qt // Hkv
+        kvh = item // n_qt % Hkv
+        L = seq_lens[b]
+        q0 = qt * tq
+        nq = min(Sq, q0 + tq) - q0
+        R = nq * G
+        Qs = np.empty((R, D), np.float32)
+        dOs = np.empty((R, D), np.float32)
+        l2 = np.empty(R, np.float32)
+        dl = np.empty(R, np.float32)
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            for d in range(D):
+                Qs[r, d] = qf[b, h, i, d]
+                dOs[r, d] = dof[b, h, i, d]
+            l2[r] = lse2[b, h, i]
+            dl[r] = delta[b, h, i]
+        kmax = min(L, max(0, L - Sq + q0 + nq)) if causal else L
+        acc = np.zeros((R, D), np.float32)
+        Kb = np.empty((bs, D), np.float32)
+        Vb = np.empty((bs, D), np.float32)
+        S = np.empty((R, bs), np.float32)
+        dP = np.empty((R, bs), np.float32)
+        ebits = np.empty(bs, np.int32)
+        for lb in range((kmax + bs - 1) // bs):
+            phys = table[b, lb]
+            t0 = lb * bs
+            nj = min(bs, kmax - t0)
+            for j in range(nj):
+                load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
+                load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
+            scores(Qs, Kb, nj, S)
+            scores(dOs, Vb, nj, dP)
+            for g in range(G):
+                lo = g * nq
+                first = L - Sq + q0 + 1 - t0 if causal else nj
+                _probs_and_ds(S[lo:lo + nq], dP[lo:lo + nq], nq, nj, c, l2[lo:lo + nq], dl[lo:lo + nq],
+                              first, 1 if causal else 0, ebits)
+            for r in range(R):
+                accumulate(acc, r, dP[r], Kb, nj)
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            for d in range(D):
+                dq[b, h, i, d] = acc[r, d] * scale
