@@ -1,11 +1,156 @@
-"""The ``cuda`` runtime (numba.cuda kernels). Not built yet: starting it raises."""
+"""The ``cuda`` runtime: storage is numba device arrays; ops run as ``numba.cuda`` kernels.
+
+This is the only module that imports ``numba.cuda``. Under ``NUMBA_ENABLE_CUDASIM=1`` the runtime
+runs on numba's CUDA simulator (correctness at tiny shapes, no GPU needed).
+"""
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..errors import RuntimeUnavailableError
+from .base import Client, Device, Runtime
+
+_FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'paged-numba[cuda13]' or "
+        "'[cuda12]'), or set NUMBA_ENABLE_CUDASIM=1 for the simulator, or use runtime='cpu'")
+
+_DECODE_NT = 128     # threads per decode block on a GPU
+_DECODE_R = 4        # query rows per decode block
 
 
-class CudaRuntime:
+def _import_cuda():
+    try:
+        import numba
+        from numba import cuda
+    except Exception as exc:  # a missing libcudart surfaces as DynamicLibNotFoundError
+        raise RuntimeUnavailableError(f"numba.cuda cannot be imported ({exc}); {_FIX}") from None
+    return numba, cuda
+
+
+def _word_dtype(row_bytes: int):
+    for dt in (np.uint64, np.uint32, np.uint16, np.uint8):
+        if row_bytes % np.dtype(dt).itemsize == 0:
+            return np.dtype(dt)
+
+
+def _tpg(D: int, W: int, sim: bool) -> int:
+    """Lanes per token row: about 16 elements per lane, a power of two dividing the warp."""
+    if sim:
+        return 1
+    t = 1
+    while t * 2 <= min(32, W) and t * 2 * 16 <= D:
+        t *= 2
+    return t
+
+
+class CudaClient(Client):
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self._cuda = runtime._cuda
+
+    def run_fwd(self, cfg, q, k, v):
+        return self._forward(cfg, q, k, v, cfg.scale, 1.0)
+
+    def run_fwd_fp8(self, cfg, q, k, v):
+        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
+
+    def _forward(self, cfg, q, k, v, qk_scale, out_scale):
+        from ..kernels.cuda.paged_decode import decode_kernel, merge_kernel
+
+        cuda = self._cuda
+        rt = self.runtime
+        out = cuda.device_array(cfg.q_shape, cfg.q_dtype.storage)
+        lse = cuda.device_array(cfg.q_shape[:3], np.float32)
+        if out.size == 0:
+            if lse.size:
+                lse = cuda.to_device(np.full(cfg.q_shape[:3], -np.inf, np.float32))
+            return out, lse
+        D, kd = cfg.D, cfg.kv_dtype
+        wdt = _word_dtype(D * kd.itemsize)
+        W = D * kd.itemsize // wdt.itemsize
+        kw = k.reshape(cfg.kv_shape).view(wdt)
+        vw = v.reshape(cfg.kv_shape).view(wdt)
+        NT = 32 if rt.simulator else _DECODE_NT
+        TPG = _tpg(D, W, rt.simulator)
+        R = _DECODE_R
+        n_rc = -(-cfg.G * cfg.Sq // R)
+        rows_blocks = cfg.B * cfg.Hkv * n_rc
+        PT = self._partition(cfg.max_len, rows_blocks)
+        n_parts = max(1, -(-cfg.max_len // PT))
+        table = cuda.to_device(cfg.block_table)
+        lens = cuda.to_device(cfg.seq_lens)
+        flag = cuda.to_device(np.zeros(1, np.int32))
+        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT)
+        if n_parts == 1:
+            dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
+            kern[(1, rows_blocks), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out, lse,
+                                       dummy, dummy, flag)
+        else:
+            po = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, D), np.float32)
+            pml = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, 2), np.float32)
+            kern[(n_parts, rows_blocks), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out,
+                                             lse, po, pml, flag)
+            MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
+            merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
+        if flag.copy_to_host()[0]:
+            raise ValueError(f"scale: some attention scores are not finite: scale * q . k overflows float32 "
+                             f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
+        return out, lse
+
+    def _partition(self, max_len: int, row_blocks: int) -> int:
+        """Tokens per split-K partition: 512, halved (down to 64) until the grid has about two
+        thread blocks per SM; the simulator uses 16."""
+        if self.runtime.simulator:
+            return 16
+        pt = 512
+        while pt > 64 and row_blocks * -(-max_len // pt) < 2 * self.runtime.sm_count:
+            pt //= 2
+        return pt
+
+
+class CudaRuntime(Runtime):
+    name = "cuda"
+
     def __init__(self):
-        raise RuntimeUnavailableError(
-            "the 'cuda' runtime is not implemented in this version of paged_numba; "
-            "use runtime='cpu'")
+        numba, cuda = _import_cuda()
+        self._cuda = cuda
+        self.simulator = bool(numba.config.ENABLE_CUDASIM)
+        if not self.simulator:
+            try:
+                ok = cuda.is_available()
+            except Exception as exc:  # pragma: no cover - driver trouble
+                raise RuntimeUnavailableError(f"the CUDA driver failed to start ({exc}); {_FIX}") from None
+            if not ok:
+                raise RuntimeUnavailableError(f"no usable CUDA GPU or driver was found; {_FIX}")
+        if self.simulator:
+            self.sm_count = 1
+            self.device = Device("cuda", 0, "numba CUDA simulator")
+        else:
+            dev = cuda.get_current_device()
+            name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+            cc = dev.compute_capability
+            self.sm_count = int(dev.MULTIPROCESSOR_COUNT)
+            self.device = Device("cuda", int(dev.id), f"{name}, sm_{cc[0]}{cc[1]}, {self.sm_count} SMs")
+        self.client = CudaClient(self)
+
+    def synchronize(self):
+        self._cuda.synchronize()
+
+    def from_host(self, arr):
+        return self._cuda.to_device(np.ascontiguousarray(arr))
+
+    def to_host(self, storage):
+        return storage.copy_to_host()
+
+    def from_external(self, obj):
+        if self.simulator:
+            raise TypeError("data: the CUDA simulator cannot take __cuda_array_interface__ objects; pass a "
+                            "NumPy array")
+        arr = self._cuda.as_cuda_array(obj)
+        if not arr.is_c_contiguous():
+            raise ValueError("data: expected a C-contiguous device array (call .contiguous() first)")
+        return arr, arr.dtype
+
+    def is_native(self, obj):
+        return self._cuda.is_cuda_array(obj) if not self.simulator else hasattr(obj, "copy_to_host")
