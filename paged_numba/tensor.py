@@ -59,7 +59,16 @@ def tensor(data, runtime=None, dtype=None) -> Tensor:
     rt = get_runtime(runtime) if not hasattr(runtime, "client") else runtime
     if not isinstance(data, np.ndarray) and hasattr(data, "__cuda_array_interface__"):
         storage, np_dtype = rt.from_external(data)
-        found = _dtype_of(np_dtype, want, "data")
+        np_dtype = np.dtype(np_dtype)
+        if want is not None and np_dtype.kind in "iu" and np_dtype.itemsize == want.itemsize:
+            found = want  # raw bits (e.g. a torch bf16 tensor viewed as int16) reinterpreted
+        else:
+            found = _dtype_of(np_dtype, want, "data")
+            if np_dtype not in (found.numpy, found.storage):
+                raise TypeError(f"data: a device array of {np_dtype} cannot be converted to {found} "
+                                "without a copy; convert it on the device first")
+        if np_dtype != found.storage:
+            storage = storage.view(found.storage)
         return Tensor(storage, found, rt)
     arr = np.asarray(data)
     found = _dtype_of(arr.dtype, want, "data")

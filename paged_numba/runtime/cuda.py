@@ -17,6 +17,7 @@ _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'pag
 
 _DECODE_NT = 128     # threads per decode block on a GPU
 _DECODE_R = 4        # query rows per decode block
+_DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
 
 def _import_cuda():
@@ -81,6 +82,15 @@ class CudaClient(Client):
         table = cuda.to_device(cfg.block_table)
         lens = cuda.to_device(cfg.seq_lens)
         flag = cuda.to_device(np.zeros(1, np.int32))
+        if cfg.Sq > _DECODE_MAX_SQ:
+            from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
+
+            BQ, BK, NTT = tile_shape(D, rt.simulator)
+            kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT)
+            kern[(-(-cfg.Sq // BQ), cfg.B * cfg.H), NTT](q, kw, vw, table, lens, qk_scale, out_scale,
+                                                          cfg.causal, out, lse, flag)
+            self._check(flag, cfg)
+            return out, lse
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT)
         if n_parts == 1:
             dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
@@ -93,10 +103,14 @@ class CudaClient(Client):
                                              lse, po, pml, flag)
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
+        self._check(flag, cfg)
+        return out, lse
+
+    @staticmethod
+    def _check(flag, cfg):
         if flag.copy_to_host()[0]:
             raise ValueError(f"scale: some attention scores are not finite: scale * q . k overflows float32 "
                              f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
-        return out, lse
 
     def _partition(self, max_len: int, row_blocks: int) -> int:
         """Tokens per split-K partition: 512, halved (down to 64) until the grid has about two
