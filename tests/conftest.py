@@ -6,15 +6,35 @@ blocks, bs block_size, M max blocks per sequence (block_table columns), L_b key 
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 
-import ml_dtypes
-import numpy as np
-import pytest
 
-import paged_numba as pn
-from paged_numba.ops.reference import paged_attention_fwd_ref
+def _real_gpu() -> bool:
+    """A CUDA driver that sees at least one GPU (checked without importing numba)."""
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        n = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
+    return False
+
+
+# One suite for every runtime (Keras-style): with no GPU, the "cuda" runtime is tested on numba's
+# CUDA simulator -- set before numba is first imported. PAGED_NUMBA_TEST_SIM=0 turns that off.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and os.environ.get("PAGED_NUMBA_TEST_SIM", "1") != "0":
+    if not _real_gpu():
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import paged_numba as pn  # noqa: E402
+from paged_numba.ops.reference import paged_attention_fwd_ref  # noqa: E402
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
@@ -56,7 +76,10 @@ RUNTIMES = _runtimes_to_test()
 
 @pytest.fixture(params=RUNTIMES)
 def runtime_name(request) -> str:
-    """Every runtime that starts here: "cpu" always, "cuda" on a GPU or the simulator."""
+    """Every runtime that starts here: "cpu" always, "cuda" on a GPU or the simulator. On the
+    simulator (seconds per launch) only modules that set ``SIM_OK = True`` -- tiny shapes -- run."""
+    if is_sim(request.param) and not getattr(request.module, "SIM_OK", False):
+        pytest.skip("CUDA simulator: this module's shapes are for real devices (see test_tiny_grid.py)")
     return request.param
 
 
