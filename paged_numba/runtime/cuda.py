@@ -87,19 +87,19 @@ class CudaClient(Client):
 
             BQ, BK, NTT = tile_shape(D, rt.simulator)
             kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT)
-            kern[(-(-cfg.Sq // BQ), cfg.B * cfg.H), NTT](q, kw, vw, table, lens, qk_scale, out_scale,
+            kern[(cfg.B * cfg.H, -(-cfg.Sq // BQ)), NTT](q, kw, vw, table, lens, qk_scale, out_scale,
                                                           cfg.causal, out, lse, flag)
             self._check(flag, cfg)
             return out, lse
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT)
         if n_parts == 1:
             dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
-            kern[(1, rows_blocks), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out, lse,
+            kern[(rows_blocks, 1), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out, lse,
                                        dummy, dummy, flag)
         else:
             po = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, D), np.float32)
             pml = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, 2), np.float32)
-            kern[(n_parts, rows_blocks), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out,
+            kern[(rows_blocks, n_parts), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out,
                                              lse, po, pml, flag)
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)

@@ -12,7 +12,7 @@ N physical blocks, bs block_size, M max blocks per sequence.
 - ``out``    [B, H, Sq, D] storage of the output dtype; ``lse`` float32 [B, H, Sq]
 - ``flag``   int32 [1], set when a visible score is not finite
 
-Grid (query tiles, B * H), NT threads as NT / 8 row groups x 8 lanes. A block keeps its BQ queries
+Grid (B * H, query tiles), NT threads as NT / 8 row groups x 8 lanes. A block keeps its BQ queries
 (pre-scaled, float32) in shared memory and walks the sequence in tiles of BK tokens gathered through
 the block table into one shared buffer (K, then V: both fit the 48 KB of static shared memory).
 Each thread owns RT query rows x (BK / 8) keys of the score tile and RT rows x (D / 8) dims of the
@@ -70,10 +70,10 @@ def tiled_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: in
         bs = k.shape[1]
         Hkv = k.shape[2]
         G = H // Hkv
-        b = cuda.blockIdx.y // H
-        h = cuda.blockIdx.y % H
+        b = cuda.blockIdx.x // H
+        h = cuda.blockIdx.x % H
         kvh = h // G
-        q0 = cuda.blockIdx.x * BQ
+        q0 = cuda.blockIdx.y * BQ
         L = seq_lens[b]
 
         Qs = cuda.shared.array((BQ, D + 1), float32)

@@ -15,7 +15,7 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
   partition's normalized output, its running max in base 2 and its sum, for ``merge_kernel``)
 - ``flag``   int32 [1], set to 1 when a visible score is not finite (the client raises)
 
-Grid (P partitions, B * Hkv * row chunks), NT threads. A thread block serves R rows of one
+Grid (B * Hkv * row chunks, P partitions), NT threads. A thread block serves R rows of one
 (sequence, KV head) -- rows are (GQA head g, query i) pairs, so the whole group shares every K/V
 load -- over one partition of PT tokens. Threads work in groups of TPG lanes; a group reads one
 token row with coalesced word loads (lane l takes words l, l + TPG, ...). Scores go to shared
@@ -65,8 +65,8 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, out, lse, po, pml, flag):
         tid = cuda.threadIdx.x
-        part = cuda.blockIdx.x
-        n_parts = cuda.gridDim.x
+        part = cuda.blockIdx.y
+        n_parts = cuda.gridDim.y
         H = q.shape[1]
         Sq = q.shape[2]
         bs = k.shape[1]
@@ -74,7 +74,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         G = H // Hkv
         rows = G * Sq
         n_rc = (rows + R - 1) // R
-        by = cuda.blockIdx.y
+        by = cuda.blockIdx.x
         b = by // (Hkv * n_rc)
         kvh = by // n_rc % Hkv
         rc = by % n_rc
