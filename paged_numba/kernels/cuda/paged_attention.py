@@ -59,6 +59,10 @@ def tiled_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: in
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
+    D1 = D + 1              # padded shared-memory rows (no bank conflicts down a column)
+    BK1 = BK + 1
+    S_N = RT * KT
+    O_N = RT * DT
 
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, out, lse, flag):
@@ -76,9 +80,9 @@ def tiled_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: in
         q0 = cuda.blockIdx.y * BQ
         L = seq_lens[b]
 
-        Qs = cuda.shared.array((BQ, D + 1), float32)
-        KV = cuda.shared.array((BK, D + 1), float32)
-        Ps = cuda.shared.array((BQ, BK + 1), float32)
+        Qs = cuda.shared.array((BQ, D1), float32)
+        KV = cuda.shared.array((BK, D1), float32)
+        Ps = cuda.shared.array((BQ, BK1), float32)
         lred = cuda.shared.array((BQ, 8), float32)
 
         c = float32(qk_scale * LOG2E)
@@ -93,8 +97,8 @@ def tiled_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: in
                     x = decode_bits(q[b, h, q0 + r, d], q_code)
             Qs[r, d] = x * c
 
-        s = cuda.local.array(RT * KT, float32)
-        o = cuda.local.array(RT * DT, float32)
+        s = cuda.local.array(S_N, float32)
+        o = cuda.local.array(O_N, float32)
         m = cuda.local.array(RT, float32)
         lpart = cuda.local.array(RT, float32)
         qv = cuda.local.array(RT, float32)

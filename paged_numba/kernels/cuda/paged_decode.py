@@ -61,6 +61,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
+    ACC_N = R * EPL
 
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, out, lse, po, pml, flag):
@@ -174,8 +175,8 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             cuda.syncthreads()
 
         # Phase 3: stream V with the probabilities.
-        acc = cuda.local.array(R * EPL, float32)
-        for i in range(R * EPL):
+        acc = cuda.local.array(ACC_N, float32)
+        for i in range(ACC_N):
             acc[i] = 0.0
         for base in range(0, ntok, NG):
             tt = base + gid
@@ -193,7 +194,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                                 acc[r * EPL + cc * E + e] += logit[r, tt] * x
         if SHFL:
             for s in range(LOG_CROSS):
-                for i in range(R * EPL):
+                for i in range(ACC_N):
                     acc[i] += cuda.shfl_xor_sync(0xFFFFFFFF, acc[i], 16 >> s)
             pidx = tid // 32
             writer = tid % 32 < TPG
