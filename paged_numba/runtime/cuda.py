@@ -17,6 +17,7 @@ _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'pag
 
 _DECODE_NT = 128     # threads per decode block on a GPU
 _DECODE_R = 4        # query rows per decode block
+_DECODE_U = 2        # tokens each lane group loads at once
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
 
@@ -79,9 +80,7 @@ class CudaClient(Client):
         rows_blocks = cfg.B * cfg.Hkv * n_rc
         PT = self._partition(cfg.max_len, rows_blocks)
         n_parts = max(1, -(-cfg.max_len // PT))
-        table = cuda.to_device(cfg.block_table)
-        lens = cuda.to_device(cfg.seq_lens)
-        flag = cuda.to_device(np.zeros(1, np.int32))
+        table, lens, flag = self._metadata(cfg)
         if cfg.Sq > _DECODE_MAX_SQ:
             from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
@@ -91,7 +90,8 @@ class CudaClient(Client):
                                                           cfg.causal, out, lse, flag)
             self._check(flag, cfg)
             return out, lse
-        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT)
+        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT,
+                             _DECODE_U)
         if n_parts == 1:
             dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
             kern[(rows_blocks, 1), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out, lse,
@@ -105,6 +105,16 @@ class CudaClient(Client):
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
         self._check(flag, cfg)
         return out, lse
+
+    def _metadata(self, cfg):
+        """(table [B, M], seq_lens [B], flag [1]) on the device, uploaded in one copy."""
+        B, M = cfg.block_table.shape
+        host = np.empty(B * M + B + 1, np.int32)
+        host[:B * M] = cfg.block_table.reshape(-1)
+        host[B * M:B * M + B] = cfg.seq_lens
+        host[-1] = 0
+        dev = self._cuda.to_device(host)
+        return dev[:B * M].reshape(B, M), dev[B * M:B * M + B], dev[B * M + B:]
 
     @staticmethod
     def _check(flag, cfg):
@@ -152,7 +162,11 @@ class CudaRuntime(Runtime):
         self._cuda.synchronize()
 
     def from_host(self, arr):
-        return self._cuda.to_device(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        canonical = tuple(int(np.prod(arr.shape[i + 1:])) * arr.itemsize for i in range(arr.ndim))
+        if arr.strides != canonical:  # e.g. a size-1 axis with stride 0 from x[:, None]
+            arr = arr.copy(order="C")
+        return self._cuda.to_device(arr)
 
     def to_host(self, storage):
         return storage.copy_to_host()

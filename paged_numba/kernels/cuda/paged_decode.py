@@ -44,8 +44,9 @@ def _log2(n: int) -> int:
 
 @functools.cache
 def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TPG: int,
-                  NT: int, R: int, PT: int):
-    """The decode kernel specialized on head_dim, dtype codes, word size and geometry."""
+                  NT: int, R: int, PT: int, U: int = 2):
+    """The decode kernel specialized on head_dim, dtype codes, word size and geometry (U: tokens
+    each lane group loads at once)."""
     EB = ELEM_BITS[kv_code]
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
@@ -61,7 +62,10 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
-    ACC_N = R * EPL
+    ACC_N = R * EPL                # accumulator registers per lane
+    QN = R * EPL                   # q registers per lane
+    UW = U * WPL                   # words in flight per lane
+    UR = U * R
 
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, out, lse, po, pml, flag):
@@ -104,39 +108,54 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
 
         lane = tid % TPG
         gid = tid // TPG
-        # Phase 1: scores of this partition's tokens into shared memory.
-        dots = cuda.local.array(R, float32)
-        for base in range(0, ntok, NG):
-            tt = base + gid
-            for r in range(R):
-                dots[r] = 0.0
-            if tt < ntok:
-                t = t0 + tt
-                blk = table[b, t // bs]
-                off = t % bs
-                for cc in range(WPL):
-                    w = lane + TPG * cc
-                    if w < W:
-                        word = np.uint64(k[blk, off, kvh, w])
-                        for e in range(E):
-                            x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
-                            for r in range(R):
-                                dots[r] += x * q_s[r, w * E + e]
-            if SHFL:
-                for s in range(LOG_TPG):
-                    for r in range(R):
-                        dots[r] += cuda.shfl_xor_sync(0xFFFFFFFF, dots[r], TPG >> (s + 1))
-            if tt < ntok and lane == 0:
-                t = t0 + tt
+        # This lane's slice of the q rows, in registers: dims (lane + TPG * cc) * E + e.
+        qreg = cuda.local.array(QN, float32)
+        for cc in range(WPL):
+            w = lane + TPG * cc
+            for e in range(E):
                 for r in range(R):
-                    gr = rc * R + r
-                    vis = gr < rows and (not causal or t <= L - Sq + gr % Sq)
-                    if vis:
-                        if not abs(dots[r]) < np.inf:
-                            flag[0] = 1
-                        logit[r, tt] = dots[r]
-                    else:
-                        logit[r, tt] = NEG_INF
+                    qreg[r * EPL + cc * E + e] = q_s[r, w * E + e] if w < W else float32(0.0)
+        # Phase 1: scores of this partition's tokens into shared memory; a group takes U tokens at
+        # a time and issues all their loads before using any, to keep bytes in flight.
+        words = cuda.local.array(UW, np.uint64)
+        dots = cuda.local.array(UR, float32)
+        for base in range(0, ntok, NG * U):
+            for u in range(U):
+                tt = base + u * NG + gid
+                if tt < ntok:
+                    t = t0 + tt
+                    blk = table[b, t // bs]
+                    off = t % bs
+                    for cc in range(WPL):
+                        w = lane + TPG * cc
+                        words[u * WPL + cc] = np.uint64(k[blk, off, kvh, w]) if w < W else np.uint64(0)
+            for u in range(U):
+                for r in range(R):
+                    dots[u * R + r] = 0.0
+                for cc in range(WPL):
+                    word = words[u * WPL + cc]
+                    for e in range(E):
+                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
+                        for r in range(R):
+                            dots[u * R + r] += x * qreg[r * EPL + cc * E + e]
+            if SHFL:
+                for sh in range(LOG_TPG):
+                    for i in range(UR):
+                        dots[i] += cuda.shfl_xor_sync(0xFFFFFFFF, dots[i], TPG >> (sh + 1))
+            if lane == 0:
+                for u in range(U):
+                    tt = base + u * NG + gid
+                    if tt < ntok:
+                        t = t0 + tt
+                        for r in range(R):
+                            gr = rc * R + r
+                            x = dots[u * R + r]
+                            if gr < rows and (not causal or t <= L - Sq + gr % Sq):
+                                if not abs(x) < np.inf:
+                                    flag[0] = 1
+                            else:
+                                x = NEG_INF
+                            logit[r, tt] = x
         cuda.syncthreads()
 
         # Phase 2: per-row max, then probabilities and their sum (tree reductions in shared memory).
@@ -174,24 +193,38 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                     red[r, tid] += red[r, tid + half]
             cuda.syncthreads()
 
-        # Phase 3: stream V with the probabilities.
+        # Phase 3: stream V with the probabilities, U tokens per group at a time.
         acc = cuda.local.array(ACC_N, float32)
         for i in range(ACC_N):
             acc[i] = 0.0
-        for base in range(0, ntok, NG):
-            tt = base + gid
-            if tt < ntok:
-                t = t0 + tt
-                blk = table[b, t // bs]
-                off = t % bs
+        for base in range(0, ntok, NG * U):
+            for u in range(U):
+                tt = base + u * NG + gid
+                if tt < ntok:
+                    t = t0 + tt
+                    blk = table[b, t // bs]
+                    off = t % bs
+                    for cc in range(WPL):
+                        w = lane + TPG * cc
+                        words[u * WPL + cc] = np.uint64(v[blk, off, kvh, w]) if w < W else np.uint64(0)
+                else:
+                    for cc in range(WPL):
+                        words[u * WPL + cc] = np.uint64(0)
+            for u in range(U):
+                tt = base + u * NG + gid
+                if tt < ntok:
+                    for r in range(R):
+                        dots[u * R + r] = logit[r, tt]
+                else:
+                    for r in range(R):
+                        dots[u * R + r] = 0.0
+            for u in range(U):
                 for cc in range(WPL):
-                    w = lane + TPG * cc
-                    if w < W:
-                        word = np.uint64(v[blk, off, kvh, w])
-                        for e in range(E):
-                            x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
-                            for r in range(R):
-                                acc[r * EPL + cc * E + e] += logit[r, tt] * x
+                    word = words[u * WPL + cc]
+                    for e in range(E):
+                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
+                        for r in range(R):
+                            acc[r * EPL + cc * E + e] += dots[u * R + r] * x
         if SHFL:
             for s in range(LOG_CROSS):
                 for i in range(ACC_N):
