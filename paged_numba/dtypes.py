@@ -174,7 +174,7 @@ def fp8_decode_table(dtype: DType) -> np.ndarray:
         val = np.where((e == emax) & (m == (1 << mbits) - 1), np.nan, val)
     else:
         val = np.where(e == emax, np.where(m == 0, np.inf, np.nan), val)
-    return (sign * val).astype(np.float32)
+    return np.copysign(val, sign).astype(np.float32)
 
 
 def fp8_encode_bits(u, mbits, bias, max_code, nan_code):
