@@ -9,6 +9,7 @@ from ..dtypes import DType, decode_f32, decode_table, encode_f32
 from .base import Client, Device, Runtime
 
 _TQ = 32  # queries per parallel work item (times G query heads)
+_TQ_FWD = 128  # forward: rows (GQA heads x queries) per parallel work item
 _NO_TABLE = np.zeros(1, np.float32)
 
 
@@ -34,7 +35,7 @@ class CpuClient(Client):
         lse = np.empty(cfg.q_shape[:3], np.float32)
         if out.size:
             paged_attention_fwd(q, k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape), cfg.block_table,
-                                cfg.seq_lens, qk_scale, out_scale, cfg.causal, _TQ,
+                                cfg.seq_lens, qk_scale, out_scale, cfg.causal, _TQ_FWD,
                                 cfg.q_dtype.code, _table(cfg.q_dtype), cfg.kv_dtype.code,
                                 _table(cfg.kv_dtype), out, lse)
             check_overflow(lse, cfg)
