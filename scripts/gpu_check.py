@@ -2,7 +2,7 @@
 forward benchmark. Everything it writes lands in ``--out`` (default ``$OUT``, else ``./gpu_out``):
 
     versions.txt          numpy, numba, numba-cuda, torch, GPU, driver, the cuda runtime's device
-    gpu_tests.log         python -m pytest tests -q -x --runxfail -p no:cacheprovider -k cuda
+    gpu_tests.log         python -m pytest tests -q --runxfail -p no:cacheprovider -k cuda
     gpu_forward.log       python benchmarks/gpu_forward.py (streamed here too)
     gpu_forward_table.md  the benchmark's final table (printed last)
     gpu_forward.md        a copy of benchmarks/results/gpu_forward.md after the run
@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = time.monotonic()
 SITE = "/tmp/site"
-TEST_CMD = ["-m", "pytest", "tests", "-q", "-x", "--runxfail", "-p", "no:cacheprovider", "-k", "cuda"]
+TEST_CMD = ["-m", "pytest", "tests", "-q", "--runxfail", "-p", "no:cacheprovider", "-k", "cuda"]
 BENCH_RESERVE = {False: 240.0, True: 150.0}   # seconds kept for the benchmark (quick: True)
 
 PROBE = r"""
