@@ -108,7 +108,7 @@ def test_cpu_runtime_does_not_import_numba_cuda():
         "out, lse = pn.paged_attention_fwd(x[:, :, :0], x, x, np.zeros((1, 1), np.int32), runtime='cpu')\n"
         "assert out.shape == (1, 1, 0, 8)\n"
         "assert 'paged_numba.kernels.cpu.paged_attention' in sys.modules\n"
-        "pn.get_runtime('cpu'); pn.tensor(x)\n"
+        "pn.get_runtime('cpu'); pn.tensor(x, runtime='cpu')\n"
         "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'\n")
 
 

@@ -1,0 +1,461 @@
+"""Compile every CUDA kernel specialization the CUDA client can launch, for sm_90 (and sm_80), with
+no GPU, and print registers, spills, stack frame and shared memory per kernel.
+
+    python scripts/cuda_compile_check.py [--cc 90 80] [--quick] [--pt 512 64] [--jobs N] [--json PATH]
+
+Exit status: 0 when every specialization compiled and linked, 1 when any failed (the table says
+which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC, nvJitLink: the
+``[cuda13]`` extra's wheels) cannot be loaded.
+
+What is enumerated (``specializations``), with the geometry ``CudaClient._forward`` picks on a real
+GPU: for head dims 16, 40, 64, 80, 128, 256 crossed with the (q, kv, out) dtype triples below,
+``decode_kernel`` (Sq <= ``_DECODE_MAX_SQ``: NT = ``_DECODE_NT`` threads, R = ``_DECODE_R`` rows,
+U = ``_DECODE_U``, TPG = ``_tpg(D, W, sim=False)``, words of ``_word_dtype``, partition sizes PT 512
+and 64, the two ends of ``_partition``; 512 only with --quick) and ``tiled_kernel`` (longer Sq:
+``tile_shape(D, sim=False)``); and ``merge_kernel`` for each head dim and output dtype. Signatures
+are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
+(float64) and a Python bool (boolean).
+
+How (no GPU, no driver): numba compiles the Python function once per specialization; NVVM turns the
+same LLVM IR into PTX for each requested compute capability, and nvJitLink (cuda.core's Linker,
+verbose) links the PTX to a cubin, whose info log gives the figures. ``cuda.compile`` builds the IR
+anew for every cc; numba's lowering differs by cc only below sm_60 (float64 atomics) and sm_75
+(fast tanh), so ccs on the same side of those lines share one front end. Device functions are
+compiled against a stand-in device of the target cc (numba asks the driver for the current device
+there), so a non-inlined device function is not reported as a failure.
+
+The figures are those of this toolchain (NVVM and nvJitLink of the installed wheels); a GPU's own
+toolchain can allocate registers differently (on an H200 with the device image's numba-cuda, ten
+launched kernels used from 20 registers fewer to 2 more than this check reports), so read the
+register column as a guide and the spill columns as the alarm. Static shared memory matched.
+
+Run it in a process without ``NUMBA_ENABLE_CUDASIM`` (``cuda.compile`` does not work in a simulator
+process); run as a script, it clears the variable itself.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+import types as _pytypes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HEAD_DIMS = (16, 40, 64, 80, 128, 256)
+# (q, kv, out) dtype names; the client always writes out in q's dtype.
+DTYPE_TRIPLES = (
+    ("f32", "f32", "f32"),
+    ("f16", "f16", "f16"),
+    ("bf16", "bf16", "bf16"),
+    ("f32", "e4m3", "f32"),
+    ("bf16", "e4m3", "bf16"),
+    ("e4m3", "e4m3", "e4m3"),
+    ("bf16", "e5m2", "bf16"),
+    ("e5m2", "e5m2", "e5m2"),
+)
+PARTITIONS = (512, 64)
+QUICK_PARTITIONS = (512,)
+DEFAULT_CCS = ((9, 0), (8, 0))
+NVIDIA_LIBS = ("nvvm", "nvrtc", "nvJitLink")
+
+
+# ------------------------------------------------------------------------------ enumeration
+
+def _dtypes():
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from paged_numba.dtypes import DType
+    return {"f32": DType.F32, "f16": DType.F16, "bf16": DType.BF16, "e4m3": DType.FP8_E4M3,
+            "e5m2": DType.FP8_E5M2}
+
+
+def _merge_threads(D: int) -> int:
+    # CudaClient._forward: MT = min(128, 32 * ceil(D / 32)) threads per merge block on a GPU.
+    return min(128, 32 * -(-D // 32))
+
+
+def specializations(quick: bool = False, partitions=None) -> list:
+    """The kernel specializations the client can launch on a GPU: one dict per kernel, with
+    ``kernel`` ("decode" / "tiled" / "merge"), ``spec`` (a label), ``factory`` (the factory's
+    keyword arguments) and the argument dtypes. Imports neither numba nor numba.cuda."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from paged_numba.kernels.cuda.paged_attention import tile_shape
+    from paged_numba.runtime import cuda as client
+
+    dts = _dtypes()
+    pts = tuple(partitions) if partitions else (QUICK_PARTITIONS if quick else PARTITIONS)
+    NT, R, U = client._DECODE_NT, client._DECODE_R, client._DECODE_U
+    specs = []
+    for kernel in ("decode", "tiled"):
+        for D in HEAD_DIMS:
+            for qn, kvn, on in DTYPE_TRIPLES:
+                q, kv, out = dts[qn], dts[kvn], dts[on]
+                wdt = client._word_dtype(D * kv.itemsize)
+                W = D * kv.itemsize // wdt.itemsize
+                common = dict(D=D, q_code=q.code, kv_code=kv.code, out_code=out.code,
+                              word_bits=wdt.itemsize * 8)
+                base = dict(kernel=kernel, D=D, q=qn, kv=kvn, out=on, q_storage=q.storage.name,
+                            word=wdt.name, out_storage=out.storage.name)
+                label = f"D={D} q={qn} kv={kvn} out={on} {wdt.name}"
+                if kernel == "tiled":
+                    BQ, BK, NTT = tile_shape(D, False)
+                    specs.append(dict(base, PT=None, factory=dict(common, BQ=BQ, BK=BK, NT=NTT),
+                                      spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
+                    continue
+                TPG = client._tpg(D, W, False)
+                for PT in pts:
+                    specs.append(dict(base, PT=PT, factory=dict(common, TPG=TPG, NT=NT, R=R, PT=PT, U=U),
+                                      spec=f"{label} TPG={TPG} NT={NT} R={R} PT={PT} U={U}"))
+    outs = []
+    for _, _, on in DTYPE_TRIPLES:
+        if on not in outs:
+            outs.append(on)
+    for D in HEAD_DIMS:
+        for on in outs:
+            out = dts[on]
+            MT = _merge_threads(D)
+            specs.append(dict(kernel="merge", D=D, out=on, PT=None, factory=dict(D=D, out_code=out.code, NT=MT),
+                              out_storage=out.storage.name, spec=f"D={D} out={on} NT={MT}"))
+    return specs
+
+
+def _signature(spec):
+    """numba signature of the client's launch: (q, k, v, table, seq_lens, qk_scale, out_scale,
+    causal, out, lse, po, pml, flag) for decode, the same without po / pml for the tiled kernel,
+    (po, pml, out_scale, out, lse) for merge."""
+    from numba import types as nt
+
+    def arr(dtype_name, ndim):
+        return nt.Array(getattr(nt, dtype_name), ndim, "C")
+
+    f32 = "float32"
+    if spec["kernel"] == "merge":
+        return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
+    head = (arr(spec["q_storage"], 4), arr(spec["word"], 4), arr(spec["word"], 4), arr("int32", 2),
+            arr("int32", 1), nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
+    if spec["kernel"] == "tiled":
+        return nt.void(*head, arr("int32", 1))
+    return nt.void(*head, arr(f32, 5), arr(f32, 5), arr("int32", 1))
+
+
+# ------------------------------------------------------------------------------ compiling
+
+def missing_libraries() -> list:
+    """Names of the NVIDIA compiler libraries that cannot be loaded (empty when all can)."""
+    from cuda.pathfinder import DynamicLibNotFoundError, load_nvidia_dynamic_lib
+    missing = []
+    for name in NVIDIA_LIBS:
+        try:
+            load_nvidia_dynamic_lib(name)
+        except DynamicLibNotFoundError:
+            missing.append(name)
+    return missing
+
+
+@contextlib.contextmanager
+def _stand_in_device(cc):
+    """numba compiles a non-inlined device function for ``get_current_device()``'s cc, which asks
+    the driver; answer with a stand-in of the target cc while compiling."""
+    import numba.cuda.dispatcher as disp
+    saved = getattr(disp, "get_current_device", None)
+    if saved is None:
+        yield
+        return
+    disp.get_current_device = lambda: _pytypes.SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        disp.get_current_device = saved
+
+
+def _lowering_class(cc):
+    # numba-cuda lowers differently only at sm_60 (float64 atomic add) and sm_75 (fast tanh).
+    return (tuple(cc) >= (6, 0), tuple(cc) >= (7, 5))
+
+
+def _ptx_by_cc(pyfunc, sig, ccs):
+    """{cc: PTX text}; one numba front end per lowering class, NVVM per cc."""
+    from numba import cuda
+    try:
+        from numba.cuda.compiler import _compile_pyfunc_with_fixup
+    except ImportError:
+        _compile_pyfunc_with_fixup = None
+    out = {}
+    libs = {}
+    for cc in ccs:
+        with _stand_in_device(cc):
+            if _compile_pyfunc_with_fixup is None:
+                out[cc] = cuda.compile(pyfunc, sig, device=False, abi="numba", output="ptx", cc=cc)[0]
+                continue
+            key = _lowering_class(cc)
+            if key not in libs:
+                libs[key] = _compile_pyfunc_with_fixup(pyfunc, sig, device=False, abi="numba", cc=cc)[0]
+            ptxes = libs[key].get_asm_strs(cc=cc)
+            if len(ptxes) != 1:
+                raise RuntimeError(f"expected one PTX module, got {len(ptxes)}")
+            out[cc] = ptxes[0]
+    return out
+
+
+def _link(ptx: str, cc):
+    """(cubin bytes, info log) of ``ptx`` linked for ``cc`` by nvJitLink."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+    linker = Linker(ObjectCode.from_ptx(ptx.encode()),
+                    options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", verbose=True))
+    code = linker.link("cubin").code
+    return bytes(code), linker.get_info_log()
+
+
+def parse_link_log(log: str) -> dict:
+    """Registers, spills, stack frame and static shared memory of the entry kernel in an
+    nvJitLink / ptxas verbose log."""
+    entry = re.search(r"Compiling entry function '([^']+)'", log)
+    name = re.escape(entry.group(1)) if entry else r"\S+"
+    res = {}
+    # ptxas: "Function properties for NAME" / "N bytes stack frame, N bytes spill stores, ..." /
+    # "Used N registers" (helper functions of their own may precede or follow the kernel's block)
+    m = re.search(r"Function properties for " + name + r"\s*\n[^\n]*?(\d+) bytes stack frame, "
+                  r"(\d+) bytes spill stores, (\d+) bytes spill loads\s*\n[^\n]*?Used (\d+) registers", log)
+    if m:
+        res.update(stack_frame=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)),
+                   registers=int(m.group(4)))
+    # nvJitLink's summary of the linked kernel: "Function properties for 'NAME':" / "used N registers,
+    # ..., N bytes smem, ..."
+    m = re.search(r"Function properties for '" + name + r"':\s*\n[^\n]*?used (\d+) registers[^\n]*", log)
+    if m:
+        res.setdefault("registers", int(m.group(1)))
+        sm = re.search(r"(\d+) bytes smem", m.group(0))
+        res["smem"] = int(sm.group(1)) if sm else 0
+    for key in ("registers", "spill_stores", "spill_loads", "stack_frame"):
+        if key not in res:
+            raise ValueError(f"cannot read {key} from the link log:\n{log}")
+    res.setdefault("smem", 0)
+    return res
+
+
+def _error_text(exc) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    text = re.sub(r" at 0x[0-9a-f]+>", ">", text)  # object addresses differ between processes
+    where = _error_location(exc)
+    head = f"{type(exc).__name__}: {text}"
+    return f"{head}\n(at {where})" if where and where not in text else head
+
+
+def _error_location(exc):
+    """Source line of a numba typing error (numba-cuda 0.30 drops it from the message): the
+    ``loc`` of the innermost compiler frame that holds one in the kernel's own files."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        for obj in (tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_locals.get("inst")):
+            loc = getattr(obj, "loc", None)
+            if getattr(loc, "filename", None) and getattr(loc, "line", None):
+                if "paged_numba" in loc.filename:
+                    found = f"{os.path.relpath(loc.filename, ROOT)}:{loc.line}"
+        tb = tb.tb_next
+    return found
+
+
+def _factory(spec):
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if spec["kernel"] == "tiled":
+        from paged_numba.kernels.cuda.paged_attention import tiled_kernel
+        return tiled_kernel(**spec["factory"])
+    from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
+    return (decode_kernel if spec["kernel"] == "decode" else merge_kernel)(**spec["factory"])
+
+
+def compile_one(spec, ccs) -> list:
+    """One result dict per cc for ``spec``: ok, error, registers, spill_stores, spill_loads,
+    stack_frame, smem, cubin_bytes, seconds."""
+    base = {k: v for k, v in spec.items() if k != "factory"}
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        ptx = _ptx_by_cc(_factory(spec).py_func, _signature(spec), ccs)
+    except Exception as exc:  # report and go on: every specialization gets its line
+        err = _error_text(exc)
+        dt = time.perf_counter() - t0
+        return [dict(base, cc=f"sm_{c[0]}{c[1]}", ok=False, stage="compile", error=err, seconds=dt)
+                for c in ccs]
+    front = (time.perf_counter() - t0) / len(ccs)
+    for cc in ccs:
+        t1 = time.perf_counter()
+        row = dict(base, cc=f"sm_{cc[0]}{cc[1]}")
+        try:
+            cubin, log = _link(ptx[cc], cc)
+            row.update(ok=True, stage=None, error=None, cubin_bytes=len(cubin), **parse_link_log(log))
+        except Exception as exc:
+            row.update(ok=False, stage="link", error=_error_text(exc))
+        row["seconds"] = front + time.perf_counter() - t1
+        rows.append(row)
+    return rows
+
+
+def _worker(args):
+    spec, ccs = args
+    return compile_one(spec, ccs)
+
+
+def _cost(spec):
+    # Rough compile cost, to hand the big kernels out first.
+    return (spec["kernel"] != "merge", spec["D"])
+
+
+def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None) -> list:
+    """Compile every specialization for every cc in ``ccs`` (tuples like (9, 0) or ints like 90);
+    returns one dict per (specialization, cc), in enumeration order. Never raises for a kernel
+    that fails to compile: its dict has ok=False and the error. ``jobs`` > 1 compiles in that many
+    worker processes."""
+    import numba
+    if numba.config.ENABLE_CUDASIM:
+        raise RuntimeError("cuda_compile_check: NUMBA_ENABLE_CUDASIM is set in this process; "
+                           "cuda.compile does not work under the simulator: run the check in a "
+                           "process without it (python scripts/cuda_compile_check.py clears it)")
+    ccs = tuple(_as_cc(c) for c in ccs)
+    specs = specializations(quick, partitions)
+    order = sorted(range(len(specs)), key=lambda i: _cost(specs[i]), reverse=True)
+    results = [None] * len(specs)
+    if jobs <= 1:
+        for n, i in enumerate(order):
+            results[i] = compile_one(specs[i], ccs)
+            if progress:
+                progress(n + 1, len(specs), results[i])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:  # spawned workers import this module by name
+            sys.path.insert(0, here)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_worker, (specs[i], ccs)): i for i in order}
+            for n, fut in enumerate(as_completed(futures)):
+                i = futures[fut]
+                results[i] = fut.result()
+                if progress:
+                    progress(n + 1, len(specs), results[i])
+    return [row for rows in results for row in rows]
+
+
+def _as_cc(c):
+    if isinstance(c, (tuple, list)):
+        return (int(c[0]), int(c[1]))
+    c = int(c)
+    return (c // 10, c % 10)
+
+
+# ------------------------------------------------------------------------------ report
+
+def format_table(rows) -> str:
+    head = ("kernel", "specialization", "cc", "regs", "spill st", "spill ld", "stack", "smem", "s")
+    lines = []
+    for r in rows:
+        if r["ok"]:
+            lines.append((r["kernel"], r["spec"], r["cc"], str(r["registers"]), str(r["spill_stores"]),
+                          str(r["spill_loads"]), str(r["stack_frame"]), str(r["smem"]), f"{r['seconds']:.1f}"))
+        else:
+            lines.append((r["kernel"], r["spec"], r["cc"], f"FAILED ({r['stage']})", "", "", "", "",
+                          f"{r['seconds']:.1f}"))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    left = (True, True, True, False, False, False, False, False, False)
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if lft else c.rjust(w) for c, w, lft in zip(cells, widths, left)).rstrip()
+    out = [fmt(head), fmt(["-" * w for w in widths])]
+    out += [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def format_summary(rows) -> str:
+    out = []
+    for kernel in ("decode", "tiled", "merge"):
+        for cc in sorted({r["cc"] for r in rows}, reverse=True):
+            sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
+            good = [r for r in sel if r["ok"]]
+            if not sel:
+                continue
+            line = f"{kernel:6s} {cc}: {len(good)}/{len(sel)} compiled"
+            if good:
+                top = max(good, key=lambda r: r["registers"])
+                spills = [r for r in good if r["spill_stores"] or r["spill_loads"]]
+                stacks = sorted({r["stack_frame"] for r in good})
+                line += (f"; max {top['registers']} registers ({top['spec']}); "
+                         f"{len(spills)} with spills; stack frames {stacks} bytes; "
+                         f"max smem {max(r['smem'] for r in good)} bytes")
+            out.append(line)
+    return "\n".join(out)
+
+
+def format_failures(rows) -> str:
+    """Each distinct error once, with the specializations (and ccs) it hit."""
+    groups = {}
+    for r in rows:
+        if not r["ok"]:
+            groups.setdefault(r["error"], []).append(f"{r['kernel']} {r['spec']} {r['cc']}")
+    out = []
+    for err, where in groups.items():
+        out.append(f"{len(where)} compile(s) failed with:\n  " + err.replace("\n", "\n  "))
+        shown = where if len(where) <= 8 else where[:8] + [f"... and {len(where) - 8} more"]
+        out.append("  in: " + "\n      ".join(shown))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cc", nargs="+", type=int, default=[90, 80],
+                    help="compute capabilities as integers (default: 90 80)")
+    ap.add_argument("--quick", action="store_true", help="PT 512 only")
+    ap.add_argument("--pt", nargs="+", type=int, default=None,
+                    help="decode partition sizes (default 512 64; 512 with --quick)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="worker processes (default: the CPUs this process may use)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+
+    missing = missing_libraries()
+    if missing:
+        print(f"cuda_compile_check: cannot load the NVIDIA compiler libraries {', '.join(missing)}; "
+              f"install them with pip install -e '.[cuda13]' (numba-cuda[cu13])", file=sys.stderr)
+        return 2
+    jobs = args.jobs or len(os.sched_getaffinity(0))
+    ccs = [_as_cc(c) for c in args.cc]
+    t0 = time.perf_counter()
+
+    def progress(n, total, rows):
+        r = rows[0]
+        status = "ok" if all(x["ok"] for x in rows) else "FAILED"
+        print(f"[{n:3d}/{total}] {r['kernel']:6s} {r['spec']}  {status}  {time.perf_counter() - t0:6.1f} s",
+              file=sys.stderr, flush=True)
+
+    rows = check(ccs, args.quick, args.pt, jobs=jobs, progress=progress)
+    wall = time.perf_counter() - t0
+    import numba
+    import numba_cuda
+    print(format_table(rows))
+    print()
+    print(f"numba {numba.__version__}, numba-cuda {numba_cuda.__version__}; {len(rows)} compiles "
+          f"({len({(r['kernel'], r['spec']) for r in rows})} specializations x {len(ccs)} cc) in "
+          f"{wall:.0f} s with {jobs} process(es). regs/spill/stack from ptxas via nvJitLink; smem is "
+          f"static shared memory per block as nvJitLink reports it (on sm_90 it includes 1 KB the "
+          f"system reserves); s = compile + link seconds.")
+    print(format_summary(rows))
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        print()
+        print(format_failures(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    # cuda.compile does not work in a simulator process; numba reads the variable at import.
+    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, merge)
+compiles to a cubin for sm_90 with no GPU, and none spills registers.
+
+Runs ``scripts/cuda_compile_check.py`` in a subprocess without ``NUMBA_ENABLE_CUDASIM`` (numba's
+``cuda.compile`` does not work inside a simulator process), so it runs the same in the CPU lane and
+in the simulator lane. Needs NVIDIA's compiler libraries (NVVM, NVRTC, nvJitLink: the wheels of
+``pip install -e '.[cuda13]'``); skipped only when one of them cannot be loaded.
+
+The quick run (sm_90, partition size 512) always runs; the full run (sm_90 and sm_80, partition
+sizes 512 and 64) runs when PAGED_NUMBA_FULL_COMPILE_CHECK=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "cuda_compile_check.py")
+
+# What the client can launch, written out here independently of the script's own enumeration.
+HEAD_DIMS = (16, 40, 64, 80, 128, 256)
+DTYPE_TRIPLES = (("f32", "f32", "f32"), ("f16", "f16", "f16"), ("bf16", "bf16", "bf16"),
+                 ("f32", "e4m3", "f32"), ("bf16", "e4m3", "bf16"), ("e4m3", "e4m3", "e4m3"),
+                 ("bf16", "e5m2", "bf16"), ("e5m2", "e5m2", "e5m2"))
+OUT_DTYPES = ("f32", "f16", "bf16", "e4m3", "e5m2")
+
+
+def _missing_compiler_libraries() -> list:
+    # cuda.pathfinder is how numba-cuda finds these libraries (site-packages wheels first, then a
+    # CUDA toolkit); it is a dependency of numba-cuda, so an ImportError here is a real failure.
+    from cuda.pathfinder import DynamicLibNotFoundError, load_nvidia_dynamic_lib
+    missing = []
+    for name in ("nvvm", "nvrtc", "nvJitLink"):
+        try:
+            load_nvidia_dynamic_lib(name)
+        except DynamicLibNotFoundError:
+            missing.append(name)
+    return missing
+
+
+@pytest.fixture(scope="module")
+def compiler_libraries():
+    missing = _missing_compiler_libraries()
+    if missing:
+        pytest.skip(f"NVIDIA compiler libraries not installed ({', '.join(missing)} cannot be loaded): "
+                    f"pip install -e '.[cuda13]' to compile-check the CUDA kernels")
+
+
+def _run_check(tmp_path, args, timeout):
+    report = tmp_path / "report.json"
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    cmd = [sys.executable, SCRIPT, *args, "--json", str(report)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout)
+    if proc.returncode != 0:
+        print(proc.stderr[-6000:], file=sys.stderr)
+    assert proc.returncode == 0, (f"{' '.join(cmd[1:])} exited with {proc.returncode}:\n"
+                                  f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    rows = json.loads(report.read_text())
+    return rows, proc.stdout
+
+
+def _assert_report(rows, stdout, ccs, partitions):
+    for cc in ccs:
+        got = {(r["D"], r["q"], r["kv"], r["out"], r["PT"]) for r in rows
+               if r["kernel"] == "decode" and r["cc"] == cc}
+        want = {(D, q, kv, out, PT) for D in HEAD_DIMS for q, kv, out in DTYPE_TRIPLES for PT in partitions}
+        assert got == want, f"decode {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["q"], r["kv"], r["out"]) for r in rows if r["kernel"] == "tiled" and r["cc"] == cc}
+        want = {(D, q, kv, out) for D in HEAD_DIMS for q, kv, out in DTYPE_TRIPLES}
+        assert got == want, f"tiled {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
+        want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
+        assert got == want, f"merge {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+    per_cc = len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
+    assert len(rows) == len(ccs) * per_cc
+    failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    for r in rows:
+        assert r["spec"] in stdout, f"{r['spec']} is missing from the printed table"
+    spilled = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['spill_stores']} B spill stores, "
+               f"{r['spill_loads']} B spill loads, {r['registers']} registers"
+               for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
+def test_cuda_kernels_compile_quick(compiler_libraries, tmp_path):
+    rows, stdout = _run_check(tmp_path, ["--quick", "--cc", "90"], timeout=1800)
+    _assert_report(rows, stdout, ["sm_90"], [512])
+
+
+@pytest.mark.skipif(os.environ.get("PAGED_NUMBA_FULL_COMPILE_CHECK") != "1",
+                    reason="full CUDA compile check (sm_90 + sm_80, PT 512 + 64): set "
+                           "PAGED_NUMBA_FULL_COMPILE_CHECK=1")
+def test_cuda_kernels_compile_full(compiler_libraries, tmp_path):
+    rows, stdout = _run_check(tmp_path, ["--cc", "90", "80"], timeout=7200)
+    _assert_report(rows, stdout, ["sm_90", "sm_80"], [512, 64])
