@@ -378,21 +378,28 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
                     acc[r * Dp + d] *= alpha[r]
         matmul(St, 0, 1, Rp, Vf, 0, Dp, acc, 0, Dp, Rp, Dp, nk, True)
     for r in range(R):
-        i = q0 + r % nq
-        h = kvh * G + r // nq
-        if m[r] == -np.inf:  # no visible key
-            for d in range(D):
-                out[b, h, i, d] = 0.0
-            lse[b, h, i] = -np.inf
-        elif m[r] == np.inf or not abs(lsum[r]) < np.inf:  # non-finite scores: flagged for the client
-            for d in range(D):
-                out[b, h, i, d] = np.nan
-            lse[b, h, i] = np.inf
-        else:
-            inv = np.float32(out_scale) / lsum[r]
-            for d in range(D):
-                out[b, h, i, d] = acc[r * Dp + d] * inv
-            lse[b, h, i] = np.float32((m[r] + math.log2(lsum[r])) * LN2)
+        finish_row(out, lse, b, kvh * G + r // nq, q0 + r % nq, acc[r * Dp:r * Dp + D], m[r], lsum[r],
+                   out_scale)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
+    """out[b, h, i] and lse[b, h, i] from a row's accumulator, running max (base 2) and sum: 0 / -inf
+    for a row that saw no key; NaN / +inf (flagged for the client) for non-finite scores."""
+    D = out.shape[3]
+    if m == -np.inf:
+        for d in range(D):
+            out[b, h, i, d] = 0.0
+        lse[b, h, i] = -np.inf
+    elif m == np.inf or not abs(lsum) < np.inf:
+        for d in range(D):
+            out[b, h, i, d] = np.nan
+        lse[b, h, i] = np.inf
+    else:
+        inv = np.float32(out_scale) / lsum
+        for d in range(D):
+            out[b, h, i, d] = acc_row[d] * inv
+        lse[b, h, i] = np.float32((m + math.log2(lsum)) * LN2)
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -451,21 +458,7 @@ def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q
                     acc[r, d] *= alpha
             accumulate(acc, r, S[r], Vb, nvis)
     for r in range(R):
-        i = q0 + r % nq
-        h = kvh * G + r // nq
-        if m[r] == -np.inf:  # no visible key
-            for d in range(D):
-                out[b, h, i, d] = 0.0
-            lse[b, h, i] = -np.inf
-        elif m[r] == np.inf:  # non-finite scores: flagged for the client
-            for d in range(D):
-                out[b, h, i, d] = np.nan
-            lse[b, h, i] = np.inf
-        else:
-            inv = np.float32(out_scale) / lsum[r]
-            for d in range(D):
-                out[b, h, i, d] = acc[r, d] * inv
-            lse[b, h, i] = np.float32((m[r] + math.log2(lsum[r])) * LN2)
+        finish_row(out, lse, b, kvh * G + r // nq, q0 + r % nq, acc[r], m[r], lsum[r], out_scale)
 
 
 ROWS_GEMM = 16  # work items with at least this many rows take the GEMM path
