@@ -35,7 +35,7 @@ class Tensor:
         """This tensor on another runtime (``Runtime`` or its name); itself when already there."""
         from .runtime import get_runtime
 
-        rt = runtime if hasattr(runtime, "client") else get_runtime(runtime)
+        rt = get_runtime(runtime)
         if rt is self.runtime:
             return self
         return Tensor(rt.from_host(to_storage(self.numpy(), self.dtype)), self.dtype, rt)
@@ -52,11 +52,11 @@ def tensor(data, runtime=None, dtype=None) -> Tensor:
 
     want = None if dtype is None else as_dtype(dtype)
     if isinstance(data, Tensor):
-        rt = data.runtime if runtime is None else _as_runtime(runtime)
+        rt = data.runtime if runtime is None else get_runtime(runtime)
         if want is None or want == data.dtype:
             return data.to(rt)
         return tensor(data.numpy(), rt, want)
-    rt = get_runtime(runtime) if not hasattr(runtime, "client") else runtime
+    rt = get_runtime(runtime)
     if not isinstance(data, np.ndarray) and hasattr(data, "__cuda_array_interface__"):
         storage, np_dtype = rt.from_external(data)
         np_dtype = np.dtype(np_dtype)
@@ -76,12 +76,6 @@ def tensor(data, runtime=None, dtype=None) -> Tensor:
         arr = arr.astype(found.numpy)
     storage = np.ascontiguousarray(to_storage(arr, found))
     return Tensor(rt.from_host(storage), found, rt)
-
-
-def _as_runtime(runtime):
-    from .runtime import get_runtime
-
-    return runtime if hasattr(runtime, "client") else get_runtime(runtime)
 
 
 def _dtype_of(np_dtype, want, what) -> DType:

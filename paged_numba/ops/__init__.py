@@ -40,7 +40,7 @@ def _storage(x, dt: DType, rt):
         return x.storage
     arr = np.asarray(x)
     if arr.dtype != dt.storage:
-        arr = arr.astype(dt.numpy, copy=False).view(dt.storage) if arr.dtype != dt.numpy else arr.view(dt.storage)
+        arr = arr.astype(dt.numpy, copy=False).view(dt.storage)
     return rt.from_host(np.ascontiguousarray(arr))
 
 

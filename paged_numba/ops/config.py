@@ -192,7 +192,7 @@ def _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs):
     return np.ascontiguousarray(table), lens, M
 
 
-def _check_params(params, B, H, Hkv, Sq, D, bs, seq_len_k_given):
+def _check_params(params, H, Hkv, Sq, D, bs):
     num_heads, num_kv_heads, seq_len_q, head_dim, block_size = params
     _check_int_param(num_heads, "num_heads", H, "q.shape[1]")
     _check_int_param(num_kv_heads, "num_kv_heads", Hkv, "k_blocks' kv-head axis")
@@ -209,7 +209,7 @@ def _check_causal(causal) -> bool:
 
 def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_lens, scale):
     B, H, Sq, D, N, bs, Hkv, kv_3d = _qkv_shapes(q, k_blocks, v_blocks)
-    _check_params(params, B, H, Hkv, Sq, D, bs, seq_len_k is not None)
+    _check_params(params, H, Hkv, Sq, D, bs)
     causal = _check_causal(causal)
     scale = 1.0 / math.sqrt(D) if scale is None else _finite(scale, "scale")
     if not abs(scale) <= _F32_MAX:

@@ -80,7 +80,7 @@ def _real_gpu_possible() -> bool:
 def get_runtime(name=None) -> Runtime:
     """The runtime called ``name`` ("cpu", "cuda", "auto", or a registered name), created once.
     ``None`` means ``$PAGED_NUMBA_RUNTIME``, else ``"auto"``. A ``Runtime`` is returned as is."""
-    if isinstance(name, Runtime):
+    if isinstance(name, Runtime) or hasattr(name, "client"):  # a runtime object, as is
         return name
     if name is None:
         name = os.environ.get(ENV_VAR, "").strip() or "auto"
