@@ -1,7 +1,7 @@
 """Compile every CUDA kernel specialization the CUDA client can launch, for sm_90 (and sm_80), with
 no GPU, and print registers, spills, stack frame and shared memory per kernel.
 
-    python scripts/cuda_compile_check.py [--cc 90 80] [--quick] [--pt 512 64] [--jobs N] [--json PATH]
+    python scripts/cuda_compile_check.py [--cc 90 80] [--quick] [--pt 2048 64] [--jobs N] [--json PATH]
 
 Exit status: 0 when every specialization compiled and linked, 1 when any failed (the table says
 which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC, nvJitLink: the
@@ -10,9 +10,11 @@ which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC
 What is enumerated (``specializations``), with the geometry ``CudaClient._forward`` picks on a real
 GPU: for head dims 16, 40, 64, 80, 128, 256 crossed with the (q, kv, out) dtype triples below,
 ``decode_kernel`` (Sq <= ``_DECODE_MAX_SQ``: NT = ``_DECODE_NT`` threads, R = ``_DECODE_R`` rows,
-U = ``_DECODE_U``, TPG = ``_tpg(D, W, sim=False)``, words of ``_word_dtype``, partition sizes PT 512
-and 64, the two ends of ``_partition``; 512 only with --quick) and ``tiled_kernel`` (longer Sq:
-``tile_shape(D, sim=False)``); and ``merge_kernel`` for each head dim and output dtype. Signatures
+U, PF and TPG = ``_tpg(D, W, sim=False, epl)`` from ``_DECODE_GEOMETRY``, words of ``_word_dtype``,
+partition sizes PT 2048 and 64, the two ends of ``_partition``; 2048 only with --quick) and ``tiled_kernel`` (longer Sq:
+``tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
+backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
+F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
 
@@ -57,8 +59,8 @@ DTYPE_TRIPLES = (
     ("bf16", "e5m2", "bf16"),
     ("e5m2", "e5m2", "e5m2"),
 )
-PARTITIONS = (512, 64)
-QUICK_PARTITIONS = (512,)
+PARTITIONS = (2048, 64)
+QUICK_PARTITIONS = (2048,)
 DEFAULT_CCS = ((9, 0), (8, 0))
 NVIDIA_LIBS = ("nvvm", "nvrtc", "nvJitLink")
 
@@ -89,7 +91,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
 
     dts = _dtypes()
     pts = tuple(partitions) if partitions else (QUICK_PARTITIONS if quick else PARTITIONS)
-    NT, R, U = client._DECODE_NT, client._DECODE_R, client._DECODE_U
+    NT, R = client._DECODE_NT, client._DECODE_R
     specs = []
     for kernel in ("decode", "tiled"):
         for D in HEAD_DIMS:
@@ -107,10 +109,11 @@ def specializations(quick: bool = False, partitions=None) -> list:
                     specs.append(dict(base, PT=None, factory=dict(common, BQ=BQ, BK=BK, NT=NTT),
                                       spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
                     continue
-                TPG = client._tpg(D, W, False)
+                epl, U, PF = client._DECODE_GEOMETRY[kv.itemsize]
+                TPG = client._tpg(D, W, False, epl)
                 for PT in pts:
-                    specs.append(dict(base, PT=PT, factory=dict(common, TPG=TPG, NT=NT, R=R, PT=PT, U=U),
-                                      spec=f"{label} TPG={TPG} NT={NT} R={R} PT={PT} U={U}"))
+                    specs.append(dict(base, PT=PT, factory=dict(common, TPG=TPG, NT=NT, R=R, PT=PT, U=U, PF=PF),
+                                      spec=f"{label} TPG={TPG} NT={NT} R={R} PT={PT} U={U} PF={int(PF)}"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -121,12 +124,42 @@ def specializations(quick: bool = False, partitions=None) -> list:
             MT = _merge_threads(D)
             specs.append(dict(kernel="merge", D=D, out=on, PT=None, factory=dict(D=D, out_code=out.code, NT=MT),
                               out_storage=out.storage.name, spec=f"D={D} out={on} NT={MT}"))
+    specs += _backward_specializations(dts)
+    return specs
+
+
+BWD_DTYPES = ("f32", "f16", "bf16")
+
+
+def _backward_specializations(dts) -> list:
+    """The backward's kernels (``CudaClient.run_bwd``): delta, dK/dV and dQ per head dim and dtype
+    with the tiles of ``bwd_tiles(D, sim=False)``; the zero fill; the float32 -> 16-bit encode."""
+    from paged_numba.kernels.cuda.paged_attention_bwd import bwd_tiles
+    specs = []
+    for D in HEAD_DIMS:
+        BQ, BK, TY = bwd_tiles(D, False)
+        for name in BWD_DTYPES:
+            dt = dts[name]
+            base = dict(D=D, q=name, kv=name, out=name, PT=None, q_storage=dt.storage.name,
+                        out_storage=dt.storage.name)
+            specs.append(dict(base, kernel="bwd_delta", factory=dict(D=D, code=dt.code),
+                              spec=f"D={D} {name}"))
+            for kernel in ("bwd_dkdv", "bwd_dq"):
+                specs.append(dict(base, kernel=kernel, factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY),
+                                  spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY}"))
+    specs.append(dict(kernel="bwd_fill", D=None, q=None, kv=None, out="f32", PT=None, factory={},
+                      out_storage="float32", spec="float32"))
+    for name in BWD_DTYPES[1:]:
+        dt = dts[name]
+        specs.append(dict(kernel="bwd_encode", D=None, q=None, kv=None, out=name, PT=None,
+                          factory=dict(code=dt.code), out_storage=dt.storage.name, spec=name))
     return specs
 
 
 def _signature(spec):
-    """numba signature of the client's launch: (q, k, v, table, seq_lens, qk_scale, out_scale,
-    causal, out, lse, po, pml, flag) for decode, the same without po / pml for the tiled kernel,
+    """numba signature of the client's launch: (q, k, v, table, seq_lens, bs, qk_scale, out_scale,
+    causal, out, lse, po, pml, flag) for decode (k, v as [N * bs, Hkv, W]), (q, k, v, table,
+    seq_lens, qk_scale, out_scale, causal, out, lse, flag) for the tiled kernel,
     (po, pml, out_scale, out, lse) for merge."""
     from numba import types as nt
 
@@ -134,13 +167,39 @@ def _signature(spec):
         return nt.Array(getattr(nt, dtype_name), ndim, "C")
 
     f32 = "float32"
+    if spec["kernel"].startswith("bwd_"):
+        return _backward_signature(spec, arr)
     if spec["kernel"] == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
-    head = (arr(spec["q_storage"], 4), arr(spec["word"], 4), arr(spec["word"], 4), arr("int32", 2),
-            arr("int32", 1), nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
+    q, word, table, lens = arr(spec["q_storage"], 4), spec["word"], arr("int32", 2), arr("int32", 1)
+    tail = (nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
     if spec["kernel"] == "tiled":
-        return nt.void(*head, arr("int32", 1))
-    return nt.void(*head, arr(f32, 5), arr(f32, 5), arr("int32", 1))
+        return nt.void(q, arr(word, 4), arr(word, 4), table, lens, *tail, arr("int32", 1))
+    return nt.void(q, arr(word, 3), arr(word, 3), table, lens, nt.int64, *tail, arr(f32, 5), arr(f32, 5),
+                   arr("int32", 1))
+
+
+def _backward_signature(spec, arr):
+    """The launches of ``CudaClient.run_bwd``: delta (dout, out, lse, delta, lse2); dK/dV (q, dout,
+    k, v, table, seq_lens, bs, scale, causal, delta, lse2, dk, dv) with k, v, dk, dv as
+    [N * bs, Hkv, D]; dQ the same with dq [B, H, Sq, D] in place of dk, dv; fill (a); encode (src,
+    out), 1-D."""
+    from numba import types as nt
+
+    f32 = "float32"
+    kind = spec["kernel"]
+    if kind == "bwd_fill":
+        return nt.void(arr(f32, 1))
+    if kind == "bwd_encode":
+        return nt.void(arr(f32, 1), arr(spec["out_storage"], 1))
+    st = spec["q_storage"]
+    if kind == "bwd_delta":
+        return nt.void(arr(st, 4), arr(st, 4), arr(f32, 3), arr(f32, 3), arr(f32, 3))
+    head = (arr(st, 4), arr(st, 4), arr(st, 3), arr(st, 3), arr("int32", 2), arr("int32", 1), nt.int64,
+            nt.float64, nt.boolean, arr(f32, 3), arr(f32, 3))
+    if kind == "bwd_dkdv":
+        return nt.void(*head, arr(f32, 3), arr(f32, 3))
+    return nt.void(*head, arr(st, 4))
 
 
 # ------------------------------------------------------------------------------ compiling
@@ -266,6 +325,11 @@ def _factory(spec):
     if spec["kernel"] == "tiled":
         from paged_numba.kernels.cuda.paged_attention import tiled_kernel
         return tiled_kernel(**spec["factory"])
+    if spec["kernel"].startswith("bwd_"):
+        from paged_numba.kernels.cuda import paged_attention_bwd as bwd
+        factory = {"bwd_delta": bwd.delta_kernel, "bwd_dkdv": bwd.dkdv_kernel, "bwd_dq": bwd.dq_kernel,
+                   "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel}[spec["kernel"]]
+        return factory(**spec["factory"])
     from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
     return (decode_kernel if spec["kernel"] == "decode" else merge_kernel)(**spec["factory"])
 
@@ -304,7 +368,7 @@ def _worker(args):
 
 def _cost(spec):
     # Rough compile cost, to hand the big kernels out first.
-    return (spec["kernel"] != "merge", spec["D"])
+    return (spec["kernel"] != "merge", spec["D"] or 0)
 
 
 def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None) -> list:
@@ -374,13 +438,13 @@ def format_table(rows) -> str:
 
 def format_summary(rows) -> str:
     out = []
-    for kernel in ("decode", "tiled", "merge"):
+    for kernel in ("decode", "tiled", "merge", "bwd_delta", "bwd_dkdv", "bwd_dq", "bwd_fill", "bwd_encode"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]
             if not sel:
                 continue
-            line = f"{kernel:6s} {cc}: {len(good)}/{len(sel)} compiled"
+            line = f"{kernel:10s} {cc}: {len(good)}/{len(sel)} compiled"
             if good:
                 top = max(good, key=lambda r: r["registers"])
                 spills = [r for r in good if r["spill_stores"] or r["spill_loads"]]
@@ -410,9 +474,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", nargs="+", type=int, default=[90, 80],
                     help="compute capabilities as integers (default: 90 80)")
-    ap.add_argument("--quick", action="store_true", help="PT 512 only")
+    ap.add_argument("--quick", action="store_true", help="PT 2048 only")
     ap.add_argument("--pt", nargs="+", type=int, default=None,
-                    help="decode partition sizes (default 512 64; 512 with --quick)")
+                    help="decode partition sizes (default 2048 64; 2048 with --quick)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="worker processes (default: the CPUs this process may use)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -1,7 +1,13 @@
-"""Time the CUDA decode kernel alone for a few geometries (threads, tokens in flight per lane
-group, partition size) on the benchmark's decode shape; run on a GPU.
+"""Time the CUDA decode kernel alone over a grid of geometries (elements per lane -> lanes per token
+row, tokens in flight per lane group, threads, partition size) on the benchmark's decode shape, next
+to torch SDPA on the same data made contiguous; run on a GPU.
 
-    python scripts/decode_sweep.py [--fp8]
+    python scripts/decode_sweep.py [--kv bf16 fp8] [--L 4096] [--B 32] [--epl 4 8] [--u 2 4 8]
+                                   [--nt 128 256] [--pt 512]
+
+Each figure is the kernel time per call (decode + merge) from the profiler's CUPTI trace of 20
+calls when PyTorch is there, else CUDA events around 20 back-to-back calls (which include numba's
+launch overhead whenever it exceeds the kernel time).
 """
 from __future__ import annotations
 
@@ -13,62 +19,129 @@ import numpy as np
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--kv", nargs="+", default=["bf16", "fp8"])
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--B", type=int, default=32)
+    ap.add_argument("--epl", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--u", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--nt", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--pt", type=int, nargs="+", default=[512])
+    ap.add_argument("--pf", type=int, nargs="+", default=[0], help="prefetch the next tokens: 0 / 1")
+    ap.add_argument("--cfg", nargs="+", default=None,
+                    help="explicit EPL,U,NT,PT,PF tuples instead of the product of the lists")
     args = ap.parse_args()
     import ml_dtypes
     from numba import cuda
 
     import paged_numba as pn
-    from paged_numba.kernels.cuda.paged_decode import decode_kernel
+    from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
     from paged_numba.ops.config import fwd_config, fwd_fp8_config
     from paged_numba.runtime import cuda as rcuda
 
+    try:
+        import torch
+    except ImportError:
+        torch = None
     rt = pn.get_runtime("cuda")
     rng = np.random.default_rng(0)
     B, H, Hkv, D, L, bs = args.B, 32, 8, 128, args.L, 16
     M = L // bs
     N = B * M
-    kvt = ml_dtypes.float8_e4m3fn if args.fp8 else ml_dtypes.bfloat16
     q = rng.standard_normal((B, H, 1, D), dtype=np.float32).astype(ml_dtypes.bfloat16)
-    k = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32).astype(kvt)
-    v = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32).astype(kvt)
     table = rng.permutation(N).reshape(B, M).astype(np.int32)
-    cfg = (fwd_fp8_config if args.fp8 else fwd_config)(q, k, v, table)
-    client = rt.client
-    kd = cfg.kv_dtype
-    wdt = rcuda._word_dtype(D * kd.itemsize)
-    W = D * kd.itemsize // wdt.itemsize
-    dq = cuda.to_device(q.view(np.uint16))
-    kw = cuda.to_device(k.view(kd.storage)).view(wdt)
-    vw = cuda.to_device(v.view(kd.storage)).view(wdt)
-    table_d, lens_d, flag = client._metadata(cfg)
-    out = cuda.device_array(cfg.q_shape, np.uint16)
-    lse = cuda.device_array(cfg.q_shape[:3], np.float32)
-    kv_bytes = 2 * N * bs * Hkv * D * kd.itemsize
-    start, stop = cuda.event(), cuda.event()
-    print(f"B{B} H{H}/{Hkv} D{D} L{L} {'fp8' if args.fp8 else 'bf16'}: {kv_bytes / 1e6:.0f} MB of K/V")
-    for NT, U, PT in itertools.product((128, 256), (1, 2, 4), (256, 512)):
-        TPG = rcuda._tpg(D, W, False)
-        n_parts = -(-L // PT)
-        R = rcuda._DECODE_R
-        rows_blocks = B * Hkv * -(-cfg.G // R)
-        po = cuda.device_array((B, H, 1, n_parts, D), np.float32)
-        pml = cuda.device_array((B, H, 1, n_parts, 2), np.float32)
-        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT, U)
-        args_k = (dq, kw, vw, table_d, lens_d, cfg.scale, 1.0, False, out, lse, po, pml, flag)
-        kern[(rows_blocks, n_parts), NT](*args_k)
-        cuda.synchronize()
+    print(f"device: {rt.device}", flush=True)
+    if torch is not None:
+        tq = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        tk = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+        tv = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+        f = torch.nn.functional.scaled_dot_product_attention
+        f(tq, tk, tv, enable_gqa=True)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
-        for _ in range(30):
-            start.record()
-            kern[(rows_blocks, n_parts), NT](*args_k)
-            stop.record()
-            stop.synchronize()
-            times.append(cuda.event_elapsed_time(start, stop) * 1e-3)
+        for _ in range(5):
+            s.record()
+            for _ in range(20):
+                f(tq, tk, tv, enable_gqa=True)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e-3 / 20)
         t = float(np.median(times))
-        print(f"NT={NT:4d} U={U} PT={PT:4d} TPG={TPG}: {t * 1e6:8.1f} us  {kv_bytes / t / 1e12:5.2f} TB/s")
+        kvb = 2 * tk.numel() * 2
+        print(f"torch SDPA contiguous bf16: {t * 1e6:8.1f} us  {kvb / t / 1e12:5.2f} TB/s", flush=True)
+    for kvn in args.kv:
+        kvt = ml_dtypes.float8_e4m3fn if kvn == "fp8" else ml_dtypes.bfloat16
+        k = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32).astype(kvt)
+        v = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32).astype(kvt)
+        cfg = (fwd_fp8_config if kvn == "fp8" else fwd_config)(q, k, v, table)
+        client = rt.client
+        kd = cfg.kv_dtype
+        wdt = rcuda._word_dtype(D * kd.itemsize)
+        W = D * kd.itemsize // wdt.itemsize
+        dq = cuda.to_device(q.view(np.uint16))
+        kw = cuda.to_device(k.view(kd.storage)).view(wdt).reshape(N * bs, Hkv, W)
+        vw = cuda.to_device(v.view(kd.storage)).view(wdt).reshape(N * bs, Hkv, W)
+        table_d, lens_d, flag = client._metadata(cfg)
+        out = cuda.device_array(cfg.q_shape, np.uint16)
+        lse = cuda.device_array(cfg.q_shape[:3], np.float32)
+        kv_bytes = 2 * N * bs * Hkv * D * kd.itemsize
+        start, stop = cuda.event(), cuda.event()
+        print(f"B{B} H{H}/{Hkv} D{D} L{L} {kvn}: {kv_bytes / 1e6:.0f} MB of K/V", flush=True)
+        grid = ([tuple(int(x) for x in c.split(",")) for c in args.cfg] if args.cfg else
+                itertools.product(args.epl, args.u, args.nt, args.pt, args.pf))
+        for epl, U, NT, PT, PF in grid:
+            TPG = rcuda._tpg(D, W, False, epl)
+            n_parts = -(-L // PT)
+            R = rcuda._DECODE_R
+            rows_blocks = B * Hkv * -(-cfg.G // R)
+            po = cuda.device_array((B, H, 1, n_parts, D), np.float32)
+            pml = cuda.device_array((B, H, 1, n_parts, 2), np.float32)
+            kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R,
+                                 PT, U, bool(PF))
+            merge = merge_kernel(D, cfg.q_dtype.code, 128)
+
+            def launch():
+                kern[(rows_blocks, n_parts), NT](dq, kw, vw, table_d, lens_d, bs, cfg.scale, 1.0, False, out,
+                                                 lse, po, pml, flag)
+                if n_parts > 1:
+                    merge[B * H, 128](po, pml, 1.0, out, lse)
+
+            def elapsed(reps=20, runs=5):
+                launch()
+                cuda.synchronize()
+                if torch is not None:  # kernel time from the profiler's CUPTI trace
+                    from torch.autograd import DeviceType
+                    from torch.profiler import ProfilerActivity, profile
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(reps):
+                            launch()
+                        cuda.synchronize()
+                    us = [e.time_range.elapsed_us() for e in prof.events()
+                          if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+                    if us:
+                        return sum(us) * 1e-6 / reps
+                times = []
+                for _ in range(runs):
+                    start.record()
+                    for _ in range(reps):
+                        launch()
+                    stop.record()
+                    stop.synchronize()
+                    times.append(cuda.event_elapsed_time(start, stop) * 1e-3 / reps)
+                return float(np.median(times))
+
+            try:
+                t = elapsed()
+            except Exception as exc:  # a geometry that does not fit: report and go on
+                print(f"EPL={epl} TPG={TPG} U={U} NT={NT} PT={PT} PF={PF}: failed: {str(exc)[:200]}", flush=True)
+                continue
+            regs = ""
+            try:
+                regs = f" regs={list(kern.get_regs_per_thread().values())}"
+            except Exception:
+                pass
+            print(f"EPL={epl:2d} TPG={TPG:2d} U={U} NT={NT:4d} PT={PT:4d} PF={PF}: "
+                  f"{t * 1e6:8.1f} us  "
+                  f"{kv_bytes / t / 1e12:5.2f} TB/s{regs}", flush=True)
 
 
 if __name__ == "__main__":

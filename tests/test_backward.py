@@ -35,14 +35,6 @@ HEAD_DIMS = [16, 40, 64, 128]
 GRAD_TOL = {F32: 1e-5, F16: 3e-3, BF16: 2e-2}
 
 
-@pytest.fixture
-def runtime_name(runtime_name):
-    """The runtimes with a backward: the CUDA backward is not built yet (its own issue)."""
-    if runtime_name == "cuda":
-        pytest.skip("paged_attention_bwd is not implemented on the cuda runtime yet")
-    return runtime_name
-
-
 def read_mask(bt, sl, pool_shape) -> np.ndarray:
     """bool [N, bs]: slots some valid token reads."""
     N, bs = pool_shape[:2]

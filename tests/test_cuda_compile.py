@@ -27,6 +27,7 @@ DTYPE_TRIPLES = (("f32", "f32", "f32"), ("f16", "f16", "f16"), ("bf16", "bf16", 
                  ("f32", "e4m3", "f32"), ("bf16", "e4m3", "bf16"), ("e4m3", "e4m3", "e4m3"),
                  ("bf16", "e5m2", "bf16"), ("e5m2", "e5m2", "e5m2"))
 OUT_DTYPES = ("f32", "f16", "bf16", "e4m3", "e5m2")
+BWD_DTYPES = ("f32", "f16", "bf16")     # the backward: delta, dK/dV, dQ per head dim; fill; encode
 
 
 def _missing_compiler_libraries() -> list:
@@ -77,7 +78,14 @@ def _assert_report(rows, stdout, ccs, partitions):
         got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
         want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
         assert got == want, f"merge {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
-    per_cc = len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
+        for kernel in ("bwd_delta", "bwd_dkdv", "bwd_dq"):
+            got = {(r["D"], r["q"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, name) for D in HEAD_DIMS for name in BWD_DTYPES}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = sorted(r["out"] for r in rows if r["kernel"] in ("bwd_fill", "bwd_encode") and r["cc"] == cc)
+        assert got == ["bf16", "f16", "f32"], f"fill / encode {cc}: {got}"
+    per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
+              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3)
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
@@ -91,12 +99,12 @@ def _assert_report(rows, stdout, ccs, partitions):
 
 def test_cuda_kernels_compile_quick(compiler_libraries, tmp_path):
     rows, stdout = _run_check(tmp_path, ["--quick", "--cc", "90"], timeout=1800)
-    _assert_report(rows, stdout, ["sm_90"], [512])
+    _assert_report(rows, stdout, ["sm_90"], [2048])
 
 
 @pytest.mark.skipif(os.environ.get("PAGED_NUMBA_FULL_COMPILE_CHECK") != "1",
-                    reason="full CUDA compile check (sm_90 + sm_80, PT 512 + 64): set "
+                    reason="full CUDA compile check (sm_90 + sm_80, PT 2048 + 64): set "
                            "PAGED_NUMBA_FULL_COMPILE_CHECK=1")
 def test_cuda_kernels_compile_full(compiler_libraries, tmp_path):
     rows, stdout = _run_check(tmp_path, ["--cc", "90", "80"], timeout=7200)
-    _assert_report(rows, stdout, ["sm_90", "sm_80"], [512, 64])
+    _assert_report(rows, stdout, ["sm_90", "sm_80"], [2048, 64])

@@ -1,7 +1,8 @@
 """The parity grid at tiny shapes, for every runtime -- including the CUDA simulator, where each
 case costs seconds. Covers both CUDA kernels (decode for Sq <= 4, tiled for Sq > 4), every dtype,
 GQA / MQA / MHA, odd block sizes and head dims, causal and not, L_b = 0, shared blocks, NaN in
-unused slots, 3-D pools and FP8 caches. The larger grids live in test_forward.py / test_fp8.py."""
+unused slots, 3-D pools and FP8 caches, and the backward (its three kernels, shared blocks summed
+through atomics). The larger grids live in test_forward.py / test_fp8.py / test_backward.py."""
 from __future__ import annotations
 
 import ml_dtypes
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import BF16, F16, F32, assert_fwd_close, assert_unchanged, make_case, reference, snapshot
+from conftest import BF16, DTYPE_IDS, F16, F32, assert_fwd_close, assert_unchanged, make_case, reference, snapshot
 from paged_numba.ops.reference import paged_attention_fwd_fp8_ref, quantize_fp8
+from test_backward import run_and_check
 
 SIM_OK = True  # every case here is small enough for the CUDA simulator
 
@@ -69,3 +71,14 @@ def test_tiny_forward_fp8(runtime_name, fmt, qkind, case):
     else:
         tol = 1e-5 if qkind == "f32" else 2e-2
         np.testing.assert_allclose(got, ref_out, rtol=tol, atol=tol)
+
+
+BWD_CASES = [(c, F32) for c in CASES] + [(CASES[0], BF16), (CASES[3], F16), (CASES[1], BF16)]
+
+
+@pytest.mark.parametrize("case,dtype", BWD_CASES,
+                         ids=[f"{IDS[CASES.index(c)]}-{DTYPE_IDS[d]}" for c, d in BWD_CASES])
+def test_tiny_backward(runtime_name, case, dtype):
+    B, H, Hkv, Sq, D, bs, lens, causal, shared, kv3d = case
+    rng = np.random.default_rng(abs(hash(("bwd", str(dtype), IDS[CASES.index(case)]))) % 2**32)
+    run_and_check(runtime_name, rng, B, H, Hkv, Sq, D, bs, lens, dtype, causal, shared=shared, kv3d=kv3d)

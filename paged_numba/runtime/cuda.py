@@ -5,11 +5,11 @@ runs on numba's CUDA simulator (correctness at tiny shapes, no GPU needed).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..errors import RuntimeUnavailableError
+from ..dtypes import F32
 from .base import Client, Device, Runtime
 
 _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'paged-numba[cuda13]' or "
@@ -17,7 +17,11 @@ _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'pag
 
 _DECODE_NT = 128     # threads per decode block on a GPU
 _DECODE_R = 4        # query rows per decode block
-_DECODE_U = 2        # tokens each lane group loads at once
+# Per K/V element size in bytes: (elements per lane and token row -> lanes per row, tokens each lane
+# group loads at once, prefetch the next tokens' loads before the math), the fastest of the sweeps
+# in benchmarks/results/gpu_decode_sweep.md.
+_DECODE_GEOMETRY = {1: (8, 2, True), 2: (16, 4, False), 4: (16, 4, False)}
+_DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
 
@@ -36,12 +40,12 @@ def _word_dtype(row_bytes: int):
             return np.dtype(dt)
 
 
-def _tpg(D: int, W: int, sim: bool) -> int:
-    """Lanes per token row: about 16 elements per lane, a power of two dividing the warp."""
+def _tpg(D: int, W: int, sim: bool, epl: int) -> int:
+    """Lanes per token row: about ``epl`` elements per lane, a power of two dividing the warp."""
     if sim:
         return 1
     t = 1
-    while t * 2 <= min(32, W) and t * 2 * 16 <= D:
+    while t * 2 <= min(32, W) and t * 2 * epl <= D:
         t *= 2
     return t
 
@@ -57,6 +61,48 @@ class CudaClient(Client):
     def run_fwd_fp8(self, cfg, q, k, v):
         return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
 
+    def run_bwd(self, cfg, dout, q, k, v, out, lse):
+        from ..kernels.cuda.paged_attention_bwd import (bwd_tiles, delta_kernel, dkdv_kernel, dq_kernel,
+                                                       encode_kernel, fill_kernel)
+
+        cuda = self._cuda
+        rt = self.runtime
+        dt = cfg.q_dtype            # the backward takes one dtype for q, k, v
+        N, bs, Hkv, D = cfg.kv_shape
+        B, H, Sq = cfg.q_shape[:3]
+        dq = cuda.device_array(cfg.q_shape, dt.storage)
+        n_pool = N * bs * Hkv * D
+        dk = cuda.device_array(n_pool, np.float32)
+        dv = cuda.device_array(n_pool, np.float32)
+        ET = 32 if rt.simulator else 256      # threads of the element-wise, grid-stride kernels
+        EB = min(-(-n_pool // ET), 8 * rt.sm_count)
+        if n_pool:
+            fill_kernel()[EB, ET](dk)
+            fill_kernel()[EB, ET](dv)
+        n_rows = B * H * Sq
+        if dq.size:
+            table, lens, _ = self._metadata(cfg)
+            delta = cuda.device_array((B, H, Sq), np.float32)
+            lse2 = cuda.device_array((B, H, Sq), np.float32)
+            delta_kernel(D, dt.code)[-(-n_rows // ET), ET](dout, out, lse, delta, lse2)
+            BQ, BK, TY = bwd_tiles(D, rt.simulator)
+            k3, v3 = k.reshape(N * bs, Hkv, D), v.reshape(N * bs, Hkv, D)
+            dk3, dv3 = dk.reshape(N * bs, Hkv, D), dv.reshape(N * bs, Hkv, D)
+            if cfg.max_len:
+                dkdv_kernel(D, dt.code, BQ, BK, TY)[(B * Hkv, -(-cfg.max_len // BK)), 8 * TY](
+                    q, dout, k3, v3, table, lens, bs, cfg.scale, cfg.causal, delta, lse2, dk3, dv3)
+            dq_kernel(D, dt.code, BQ, BK, TY)[(B * H, -(-Sq // BQ)), 8 * TY](
+                q, dout, k3, v3, table, lens, bs, cfg.scale, cfg.causal, delta, lse2, dq)
+        if dt.code != F32 and n_pool:
+            dk16 = cuda.device_array(n_pool, dt.storage)
+            dv16 = cuda.device_array(n_pool, dt.storage)
+            encode_kernel(dt.code)[EB, ET](dk, dk16)
+            encode_kernel(dt.code)[EB, ET](dv, dv16)
+            dk, dv = dk16, dv16
+        elif dt.code != F32:
+            dk, dv = (cuda.device_array(n_pool, dt.storage) for _ in range(2))
+        return dq, dk.reshape(k.shape), dv.reshape(v.shape)
+
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
         from ..kernels.cuda.paged_decode import decode_kernel, merge_kernel
 
@@ -71,10 +117,12 @@ class CudaClient(Client):
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _word_dtype(D * kd.itemsize)
         W = D * kd.itemsize // wdt.itemsize
+        N, bs, Hkv = cfg.kv_shape[:3]
         kw = k.reshape(cfg.kv_shape).view(wdt)
         vw = v.reshape(cfg.kv_shape).view(wdt)
         NT = 32 if rt.simulator else _DECODE_NT
-        TPG = _tpg(D, W, rt.simulator)
+        epl, U, PF = _DECODE_GEOMETRY[kd.itemsize]
+        TPG = _tpg(D, W, rt.simulator, epl)
         R = _DECODE_R
         n_rc = -(-cfg.G * cfg.Sq // R)
         rows_blocks = cfg.B * cfg.Hkv * n_rc
@@ -91,15 +139,17 @@ class CudaClient(Client):
             self._check(flag, cfg)
             return out, lse
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT,
-                             _DECODE_U)
+                             U, PF)
+        kr = kw.reshape(N * bs, Hkv, W)
+        vr = vw.reshape(N * bs, Hkv, W)
         if n_parts == 1:
             dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
-            kern[(rows_blocks, 1), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out, lse,
+            kern[(rows_blocks, 1), NT](q, kr, vr, table, lens, bs, qk_scale, out_scale, cfg.causal, out, lse,
                                        dummy, dummy, flag)
         else:
             po = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, D), np.float32)
             pml = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, 2), np.float32)
-            kern[(rows_blocks, n_parts), NT](q, kw, vw, table, lens, qk_scale, out_scale, cfg.causal, out,
+            kern[(rows_blocks, n_parts), NT](q, kr, vr, table, lens, bs, qk_scale, out_scale, cfg.causal, out,
                                              lse, po, pml, flag)
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
@@ -123,12 +173,13 @@ class CudaClient(Client):
                              f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
 
     def _partition(self, max_len: int, row_blocks: int) -> int:
-        """Tokens per split-K partition: 512, halved (down to 64) until the grid has about two
-        thread blocks per SM; the simulator uses 16."""
+        """Tokens per split-K partition: the longest (up to ``_DECODE_MAX_PT``, down to 64) that still
+        gives every SM a thread block -- long partitions amortize each block's set-up and the merge;
+        the simulator uses 16."""
         if self.runtime.simulator:
             return 16
-        pt = 512
-        while pt > 64 and row_blocks * -(-max_len // pt) < 2 * self.runtime.sm_count:
+        pt = _DECODE_MAX_PT
+        while pt > 64 and row_blocks * -(-max_len // pt) < self.runtime.sm_count:
             pt //= 2
         return pt
 

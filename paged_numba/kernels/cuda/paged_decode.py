@@ -6,10 +6,12 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
 ``decode_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
 - ``q``      [B, H, Sq, D] storage of q (float32, uint16 bits, uint8 FP8 codes)
-- ``k``, ``v`` [N, bs, Hkv, W] the K/V pools read as W machine words per row (uint64 / uint32 /
-  uint16 / uint8 views of the storage; E = D / W elements per word, decoded in the kernel)
+- ``k``, ``v`` [N * bs, Hkv, W] the K/V pools with blocks and slots flattened, each row read as W
+  machine words (uint64 / uint32 / uint16 / uint8 views of the storage; E = D / W elements per
+  word, decoded in the kernel)
 - ``table``  int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
-- ``seq_lens`` int32 [B]; ``qk_scale`` multiplies q . k; ``out_scale`` multiplies the output
+- ``seq_lens`` int32 [B]; ``bs`` the block size; ``qk_scale`` multiplies q . k; ``out_scale``
+  multiplies the output
 - ``out``    [B, H, Sq, D] storage of the output dtype, ``lse`` float32 [B, H, Sq] (one partition)
 - ``po``     float32 [B, H, Sq, P, D], ``pml`` float32 [B, H, Sq, P, 2] (several partitions: each
   partition's normalized output, its running max in base 2 and its sum, for ``merge_kernel``)
@@ -17,10 +19,13 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
 
 Grid (B * Hkv * row chunks, P partitions), NT threads. A thread block serves R rows of one
 (sequence, KV head) -- rows are (GQA head g, query i) pairs, so the whole group shares every K/V
-load -- over one partition of PT tokens. Threads work in groups of TPG lanes; a group reads one
-token row with coalesced word loads (lane l takes words l, l + TPG, ...). Scores go to shared
-memory (bottom-right causal mask; only tokens t < L are read), the block reduces max and sum, then
-the groups stream V with the probabilities. Unused cache slots are never read.
+load -- over one partition of PT tokens. The block first resolves the partition's tokens to pool
+rows through the block table (once, into shared memory). Threads then work in groups of TPG lanes;
+a group takes U tokens at a time, issues the coalesced word loads of their K and V rows together
+(lane l takes words l, l + TPG, ...), reduces the dot products with warp shuffles and keeps its own
+online softmax (running max and sum in base 2, accumulators in registers): one pass over the cache,
+no score buffer. Groups of a warp merge through shuffles, warps through shared memory. Tokens
+t >= L are never read (bottom-right causal mask on top).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
 from ...dtypes import F32
 from .codecs import SIM, decode_bits, encode_bits
@@ -42,11 +47,33 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+@cuda.jit(device=True, inline=True)
+def _load_rows(k, v, slot_s, kvh, lane, gid, base, ntok, kw, vw, U, NG, WPL, TPG, W):
+    """Words of the K and V rows of tokens base + u * NG + gid (u < U) of the partition into kw, vw
+    (zeros past ntok and past the row)."""
+    for u in range(U):
+        tt = base + u * NG + gid
+        if tt < ntok:
+            row = slot_s[tt]
+            for cc in range(WPL):
+                w = lane + TPG * cc
+                if w < W:
+                    kw[u * WPL + cc] = np.uint64(k[row, kvh, w])
+                    vw[u * WPL + cc] = np.uint64(v[row, kvh, w])
+                else:
+                    kw[u * WPL + cc] = np.uint64(0)
+                    vw[u * WPL + cc] = np.uint64(0)
+        else:
+            for cc in range(WPL):
+                kw[u * WPL + cc] = np.uint64(0)
+                vw[u * WPL + cc] = np.uint64(0)
+
+
 @functools.cache
 def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TPG: int,
-                  NT: int, R: int, PT: int, U: int = 2):
+                  NT: int, R: int, PT: int, U: int = 2, PF: bool = False):
     """The decode kernel specialized on head_dim, dtype codes, word size and geometry (U: tokens
-    each lane group loads at once)."""
+    each lane group loads at once; PF: issue the next U tokens' loads before the math on these)."""
     EB = ELEM_BITS[kv_code]
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
@@ -54,28 +81,25 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     EPL = WPL * E                  # elements per lane
     NG = NT // TPG                 # lane groups per block
     SHFL = not SIM                 # warp shuffles (the simulator has none)
-    NPART = NT // 32 if SHFL else NG
+    NPART = NT // 32 if SHFL else NG   # partial results per block after the in-warp merge
     LOG_TPG = _log2(TPG)
     LOG_CROSS = _log2(32 // TPG) if SHFL else 0
-    LOG_NT = _log2(NT)
     MASK = np.uint64((1 << EB) - 1)
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
     ACC_N = R * EPL                # accumulator registers per lane
-    QN = R * EPL                   # q registers per lane
-    UW = U * WPL                   # words in flight per lane
+    UW = U * WPL                   # words in flight per lane, per pool
     UR = U * R
 
     @cuda.jit(cache=True)
-    def kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, out, lse, po, pml, flag):
+    def kernel(q, k, v, table, seq_lens, bs, qk_scale, out_scale, causal, out, lse, po, pml, flag):
         tid = cuda.threadIdx.x
         part = cuda.blockIdx.y
         n_parts = cuda.gridDim.y
         H = q.shape[1]
         Sq = q.shape[2]
-        bs = k.shape[1]
-        Hkv = k.shape[2]
+        Hkv = k.shape[1]
         G = H // Hkv
         rows = G * Sq
         n_rc = (rows + R - 1) // R
@@ -88,8 +112,8 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         ntok = max(0, min(PT, L - t0))
 
         q_s = cuda.shared.array((R, D), float32)
-        logit = cuda.shared.array((R, PT), float32)
-        red = cuda.shared.array((R, NT), float32)
+        slot_s = cuda.shared.array(PT, int64)
+        ml_s = cuda.shared.array((NPART, R, 2), float32)
         red_o = cuda.shared.array((NPART, R, D), float32)
 
         c = float32(qk_scale * LOG2E)
@@ -104,131 +128,113 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                 else:
                     x = decode_bits(q[b, kvh * G + gr // Sq, gr % Sq, d], q_code)
             q_s[r, d] = x * c
+        for j in range(tid, ntok, NT):
+            t = t0 + j
+            slot_s[j] = int64(table[b, t // bs]) * bs + t % bs
         cuda.syncthreads()
 
         lane = tid % TPG
         gid = tid // TPG
         # This lane's slice of the q rows, in registers: dims (lane + TPG * cc) * E + e.
-        qreg = cuda.local.array(QN, float32)
+        qreg = cuda.local.array(ACC_N, float32)
         for cc in range(WPL):
             w = lane + TPG * cc
             for e in range(E):
                 for r in range(R):
                     qreg[r * EPL + cc * E + e] = q_s[r, w * E + e] if w < W else float32(0.0)
-        # Phase 1: scores of this partition's tokens into shared memory; a group takes U tokens at
-        # a time and issues all their loads before using any, to keep bytes in flight.
-        words = cuda.local.array(UW, np.uint64)
-        dots = cuda.local.array(UR, float32)
-        for base in range(0, ntok, NG * U):
-            for u in range(U):
-                tt = base + u * NG + gid
-                if tt < ntok:
-                    t = t0 + tt
-                    blk = table[b, t // bs]
-                    off = t % bs
-                    for cc in range(WPL):
-                        w = lane + TPG * cc
-                        words[u * WPL + cc] = np.uint64(k[blk, off, kvh, w]) if w < W else np.uint64(0)
-            for u in range(U):
-                for r in range(R):
-                    dots[u * R + r] = 0.0
-                for cc in range(WPL):
-                    word = words[u * WPL + cc]
-                    for e in range(E):
-                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
-                        for r in range(R):
-                            dots[u * R + r] += x * qreg[r * EPL + cc * E + e]
-            if SHFL:
-                for sh in range(LOG_TPG):
-                    for i in range(UR):
-                        dots[i] += cuda.shfl_xor_sync(0xFFFFFFFF, dots[i], TPG >> (sh + 1))
-            if lane == 0:
-                for u in range(U):
-                    tt = base + u * NG + gid
-                    if tt < ntok:
-                        t = t0 + tt
-                        for r in range(R):
-                            gr = rc * R + r
-                            x = dots[u * R + r]
-                            if gr < rows and (not causal or t <= L - Sq + gr % Sq):
-                                if not abs(x) < np.inf:
-                                    flag[0] = 1
-                            else:
-                                x = NEG_INF
-                            logit[r, tt] = x
-        cuda.syncthreads()
-
-        # Phase 2: per-row max, then probabilities and their sum (tree reductions in shared memory).
-        for r in range(R):
-            mx = NEG_INF
-            for j in range(tid, ntok, NT):
-                mx = max(mx, logit[r, j])
-            red[r, tid] = mx
-        cuda.syncthreads()
-        for s in range(LOG_NT):
-            half = NT >> (s + 1)
-            if tid < half:
-                for r in range(R):
-                    red[r, tid] = max(red[r, tid], red[r, tid + half])
-            cuda.syncthreads()
-        mrow = cuda.local.array(R, float32)
-        for r in range(R):
-            mrow[r] = red[r, 0]
-        cuda.syncthreads()
-        for r in range(R):
-            acc_s = float32(0.0)
-            m = mrow[r]
-            for j in range(tid, ntok, NT):
-                p = float32(0.0)
-                if m > NEG_INF:
-                    p = math.exp2(logit[r, j] - m)
-                logit[r, j] = p
-                acc_s += p
-            red[r, tid] = acc_s
-        cuda.syncthreads()
-        for s in range(LOG_NT):
-            half = NT >> (s + 1)
-            if tid < half:
-                for r in range(R):
-                    red[r, tid] += red[r, tid + half]
-            cuda.syncthreads()
-
-        # Phase 3: stream V with the probabilities, U tokens per group at a time.
         acc = cuda.local.array(ACC_N, float32)
         for i in range(ACC_N):
             acc[i] = 0.0
+        m = cuda.local.array(R, float32)
+        lsum = cuda.local.array(R, float32)
+        for r in range(R):
+            m[r] = NEG_INF
+            lsum[r] = 0.0
+        kw = cuda.local.array(UW, np.uint64)
+        vw = cuda.local.array(UW, np.uint64)
+        kn = cuda.local.array(UW, np.uint64)
+        vn = cuda.local.array(UW, np.uint64)
+        s = cuda.local.array(UR, float32)
+        first = L - Sq                 # position of query 0; query i sees tokens t <= first + i
+        if PF:
+            _load_rows(k, v, slot_s, kvh, lane, gid, 0, ntok, kw, vw, U, NG, WPL, TPG, W)
         for base in range(0, ntok, NG * U):
-            for u in range(U):
-                tt = base + u * NG + gid
-                if tt < ntok:
-                    t = t0 + tt
-                    blk = table[b, t // bs]
-                    off = t % bs
-                    for cc in range(WPL):
-                        w = lane + TPG * cc
-                        words[u * WPL + cc] = np.uint64(v[blk, off, kvh, w]) if w < W else np.uint64(0)
-                else:
-                    for cc in range(WPL):
-                        words[u * WPL + cc] = np.uint64(0)
-            for u in range(U):
-                tt = base + u * NG + gid
-                if tt < ntok:
-                    for r in range(R):
-                        dots[u * R + r] = logit[r, tt]
-                else:
-                    for r in range(R):
-                        dots[u * R + r] = 0.0
+            # All K and V loads of the U tokens first, then the math: bytes in flight. With PF the
+            # loads of the next U tokens are issued before the math on these (software pipeline).
+            if PF:
+                _load_rows(k, v, slot_s, kvh, lane, gid, base + NG * U, ntok, kn, vn, U, NG, WPL, TPG, W)
+            else:
+                _load_rows(k, v, slot_s, kvh, lane, gid, base, ntok, kw, vw, U, NG, WPL, TPG, W)
+            for i in range(UR):
+                s[i] = 0.0
             for u in range(U):
                 for cc in range(WPL):
-                    word = words[u * WPL + cc]
+                    word = kw[u * WPL + cc]
                     for e in range(E):
                         x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
                         for r in range(R):
-                            acc[r * EPL + cc * E + e] += dots[u * R + r] * x
+                            s[u * R + r] += x * qreg[r * EPL + cc * E + e]
+            if SHFL:
+                for sh in range(LOG_TPG):
+                    for i in range(UR):
+                        s[i] += cuda.shfl_xor_sync(0xFFFFFFFF, s[i], TPG >> (sh + 1))
+            # Mask, then the online softmax of this group (every lane holds the same scores).
+            for u in range(U):
+                tt = base + u * NG + gid
+                for r in range(R):
+                    gr = rc * R + r
+                    x = s[u * R + r]
+                    if tt < ntok and gr < rows and (not causal or t0 + tt <= first + gr % Sq):
+                        if lane == 0 and not abs(x) < np.inf:
+                            flag[0] = 1
+                    else:
+                        x = NEG_INF
+                    s[u * R + r] = x
+            for r in range(R):
+                mx = m[r]
+                for u in range(U):
+                    mx = max(mx, s[u * R + r])
+                if mx > m[r]:
+                    sc = math.exp2(m[r] - mx)
+                    lsum[r] *= sc
+                    for j in range(EPL):
+                        acc[r * EPL + j] *= sc
+                    m[r] = mx
+                for u in range(U):
+                    p = float32(0.0)
+                    if mx > NEG_INF:
+                        p = math.exp2(s[u * R + r] - mx)
+                    s[u * R + r] = p
+                    lsum[r] += p
+            for u in range(U):
+                for cc in range(WPL):
+                    word = vw[u * WPL + cc]
+                    for e in range(E):
+                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
+                        for r in range(R):
+                            acc[r * EPL + cc * E + e] += s[u * R + r] * x
+            if PF:
+                for i in range(UW):
+                    kw[i] = kn[i]
+                    vw[i] = vn[i]
+        # Merge the groups of a warp (butterfly over the lane-group bits), then the warps.
         if SHFL:
-            for s in range(LOG_CROSS):
-                for i in range(ACC_N):
-                    acc[i] += cuda.shfl_xor_sync(0xFFFFFFFF, acc[i], 16 >> s)
+            for sh in range(LOG_CROSS):
+                off = 16 >> sh
+                for r in range(R):
+                    mo = cuda.shfl_xor_sync(0xFFFFFFFF, m[r], off)
+                    lo = cuda.shfl_xor_sync(0xFFFFFFFF, lsum[r], off)
+                    mn = max(m[r], mo)
+                    sa = float32(0.0)
+                    sb = float32(0.0)
+                    if mn > NEG_INF:
+                        sa = math.exp2(m[r] - mn)
+                        sb = math.exp2(mo - mn)
+                    lsum[r] = lsum[r] * sa + lo * sb
+                    for j in range(EPL):
+                        ao = cuda.shfl_xor_sync(0xFFFFFFFF, acc[r * EPL + j], off)
+                        acc[r * EPL + j] = acc[r * EPL + j] * sa + ao * sb
+                    m[r] = mn
             pidx = tid // 32
             writer = tid % 32 < TPG
         else:
@@ -241,6 +247,10 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                     for e in range(E):
                         for r in range(R):
                             red_o[pidx, r, w * E + e] = acc[r * EPL + cc * E + e]
+            if lane == 0:
+                for r in range(R):
+                    ml_s[pidx, r, 0] = m[r]
+                    ml_s[pidx, r, 1] = lsum[r]
         cuda.syncthreads()
 
         for idx in range(tid, R * D, NT):
@@ -250,26 +260,33 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             if gr < rows:
                 h = kvh * G + gr // Sq
                 i = gr % Sq
-                s_o = float32(0.0)
+                mm = NEG_INF
                 for p in range(NPART):
-                    s_o += red_o[p, r, d]
-                m = mrow[r]
-                lsum = red[r, 0]
+                    mm = max(mm, ml_s[p, r, 0])
+                tot = float32(0.0)
+                s_o = float32(0.0)
+                if mm > NEG_INF:
+                    for p in range(NPART):
+                        mp = ml_s[p, r, 0]
+                        if mp > NEG_INF:
+                            f = math.exp2(mp - mm)
+                            tot += ml_s[p, r, 1] * f
+                            s_o += red_o[p, r, d] * f
                 if n_parts == 1:
                     y = float32(0.0)
-                    if lsum > 0:
-                        y = s_o * float32(out_scale) / lsum
+                    if tot > 0:
+                        y = s_o * float32(out_scale) / tot
                     if OUT_F32:
                         out[b, h, i, d] = y
                     else:
                         out[b, h, i, d] = encode_bits(y, out_code)
                     if d == 0:
-                        lse[b, h, i] = (m + math.log2(lsum)) * LN2 if lsum > 0 else NEG_INF
+                        lse[b, h, i] = (mm + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
                 else:
-                    po[b, h, i, part, d] = s_o / lsum if lsum > 0 else float32(0.0)
+                    po[b, h, i, part, d] = s_o / tot if tot > 0 else float32(0.0)
                     if d == 0:
-                        pml[b, h, i, part, 0] = m if lsum > 0 else NEG_INF
-                        pml[b, h, i, part, 1] = lsum
+                        pml[b, h, i, part, 0] = mm if tot > 0 else NEG_INF
+                        pml[b, h, i, part, 1] = tot
 
     return kernel
 

@@ -1,0 +1,196 @@
+"""GPU backward benchmark: ``pn.paged_attention_bwd`` on the cuda runtime, side by side in one run
+with PyTorch SDPA's backward on the same data made contiguous (fp32, and bf16 for reference).
+
+    python benchmarks/gpu_backward.py [--B 4] [--H 32] [--L 4096] [--D 128] [--bs 16] [--reps 5]
+                                      [--no-save]
+
+Workload (issue 5): causal, B=4, H=32 (MHA), Sq = L = 4096, D=128, block size 16, shuffled block
+table. The pool holds exactly the contiguous K/V, so both sides compute the same gradients; the
+paged dk / dv are gathered back through the table for the error column. Times: torch rows are CUDA
+events around ``torch.autograd.grad`` (median); 'paged_numba call' is the wall clock of a public
+call with Tensors in (synchronized); 'paged_numba kernels' is the GPU kernel time from the
+profiler's CUPTI trace. TFLOP/s counts 2.5 x the forward's 4 B H Sq L D, halved for causal.
+Appends the table to ``benchmarks/results/gpu_backward.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, markdown_table  # noqa: E402
+
+TARGET = 1.5   # at most 1.5x the time of torch's fp32 backward
+
+
+def _wall(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=32)
+    ap.add_argument("--L", type=int, default=4096)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="torch on the CPU and the cpu runtime, for checking this script without a GPU")
+    args = ap.parse_args(argv)
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import paged_numba as pn
+
+    dev = "cpu" if args.dry_run else "cuda"
+    rt = pn.get_runtime(dev)
+    B, H, L, D, bs = args.B, args.H, args.L, args.D, args.bs
+    M = -(-L // bs)
+    N = B * M
+    gpu = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
+    log(f"GPU {gpu}; causal B{B} H{H} L=Sq={L} D{D} bs{bs}")
+    flops = 2.5 * 4 * B * H * L * L * D / 2
+    gen = torch.Generator(device=dev).manual_seed(0)
+    perm = torch.randperm(N, device=dev, generator=gen)
+    table = perm.reshape(B, M).to(torch.int32)
+    table_np = table.cpu().numpy()
+    rows = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def events(fn, reps):
+        if args.dry_run:
+            return min(_wall(fn) for _ in range(reps))
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e-3)
+        return float(np.median(times))
+
+    ref = {}
+
+    def run(name, tdt):
+        q = torch.randn(B, H, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
+        k = torch.randn(B, H, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
+        v = torch.randn(B, H, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
+        dout = torch.randn(B, H, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
+        qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        out_t = sdpa(qr, kr, vr, is_causal=True)
+        grads_t = torch.autograd.grad(out_t, (qr, kr, vr), dout, retain_graph=True)
+        t_torch = events(lambda: torch.autograd.grad(out_t, (qr, kr, vr), dout, retain_graph=True), args.reps)
+        if name == "f32":
+            ref["t"] = t_torch
+        t_ref = ref["t"]
+        rows.append([f"torch SDPA backward {name} (contiguous)", f"{t_torch * 1e3:.2f}",
+                     f"{flops / t_torch / 1e12:.1f}", f"{t_torch / t_ref:.2f}x", "-", ""])
+        log(f"torch {name}: {t_torch * 1e3:.2f} ms")
+
+        # The paged pool: logical block m of sequence b is physical block table[b, m].
+        def pool(x):
+            blocks = x.transpose(1, 2).reshape(B, M, bs, H, D).reshape(N, bs, H, D)
+            p = torch.empty_like(blocks)
+            p[perm] = blocks
+            return p.contiguous()
+
+        kb, vb = pool(k), pool(v)
+
+        def pt(x):
+            x = x.contiguous()
+            if x.dtype == torch.bfloat16:   # raw bits through __cuda_array_interface__
+                if args.dry_run:
+                    import ml_dtypes
+                    return pn.tensor(x.float().numpy().astype(ml_dtypes.bfloat16), runtime=rt)
+                return pn.tensor(x.view(torch.int16), dtype="bf16", runtime=rt)
+            return pn.tensor(x.numpy() if args.dry_run else x, runtime=rt)
+
+        tq, tk, tv, tdo = pt(q), pt(kb), pt(vb), pt(dout)
+        out, lse = pn.paged_attention_fwd(tq, tk, tv, table_np, causal=True)
+
+        def call():
+            return pn.paged_attention_bwd(tdo, tq, tk, tv, out, lse, table_np, causal=True)
+
+        dq, dk, dv = call()
+        rt.synchronize()
+        walls = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            call()
+            rt.synchronize()
+            walls.append(time.perf_counter() - t0)
+        t_call = float(np.median(walls))
+        t_kern = None
+        if not args.dry_run:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.reps):
+                    call()
+                rt.synchronize()
+            us = [e.time_range.elapsed_us() for e in prof.events()
+                  if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+            t_kern = sum(us) * 1e-6 / args.reps if us else None
+
+        # Errors against torch's fp32-or-bf16 gradients, relative to their max.
+        def host(t):
+            a = t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+            return np.asarray(a, dtype=np.float64)
+
+        def unpool(g):   # [N, bs, H, D] -> [B, H, L, D]
+            g = g[table_np.reshape(-1)].reshape(B, M * bs, H, D)[:, :L]
+            return g.transpose(0, 2, 1, 3)
+
+        errs = []
+        for got, want in ((host(dq), grads_t[0]), (unpool(host(dk)), grads_t[1]), (unpool(host(dv)), grads_t[2])):
+            w = want.float().cpu().numpy().astype(np.float64)
+            errs.append(np.abs(got - w).max() / max(np.abs(w).max(), 1e-30))
+        err = "dq {:.1e} / dk {:.1e} / dv {:.1e}".format(*errs)
+        target = ""
+        if name == "f32" and t_kern is not None:
+            ratio = t_kern / t_ref
+            target = f"<= {TARGET}x torch fp32 ({ratio:.2f}x): {'met' if ratio <= TARGET else 'MISSED'}"
+        rows.append([f"paged_numba call {name}", f"{t_call * 1e3:.2f}", f"{flops / t_call / 1e12:.1f}",
+                     f"{t_call / t_ref:.2f}x", err, ""])
+        if t_kern is not None:
+            rows.append([f"paged_numba kernels {name}", f"{t_kern * 1e3:.2f}", f"{flops / t_kern / 1e12:.1f}",
+                         f"{t_kern / t_ref:.2f}x", err, target])
+        log(f"paged_numba {name}: call {t_call * 1e3:.2f} ms, kernels "
+            f"{t_kern * 1e3 if t_kern else float('nan'):.2f} ms; errors vs torch {err}")
+
+    for name, tdt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        run(name, tdt)
+        if not args.dry_run:
+            torch.cuda.empty_cache()
+
+    header = ["implementation", "time ms", "TFLOP/s", "vs torch fp32 bwd", "max err / max |torch grad|", "target"]
+    table = markdown_table(header, rows)
+    notes = (f"Causal B{B} H{H} (MHA) Sq = L = {L} D{D}, block size {bs}, shuffled block table; the pool holds the "
+             "same K/V as torch's contiguous tensors. torch rows: median CUDA-event time of torch.autograd.grad "
+             "over SDPA (flash / efficient / math as torch picks). 'call': wall clock of pn.paged_attention_bwd "
+             "with Tensors in (zero-copy from torch), NumPy block table, synchronized; 'kernels': GPU kernel time "
+             "from the CUPTI trace. TFLOP/s = 2.5 x 4 B H Sq L D / 2 over the time. Errors: max abs difference "
+             "over max abs of torch's gradient of the same dtype.")
+    log("\n" + table + "\n\n" + notes)
+    if not args.no_save and not args.dry_run:
+        path = append_results("gpu_backward", f"GPU backward on {gpu}", table, notes)
+        log(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Paged-attention backward on the GPU: dq, dk_blocks, dv_blocks (FlashAttention-2's recomputation
+scheme over a block table), float32 accumulation, ``cuda.atomic.add`` into the pool gradients.
+
+Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequence, D head_dim,
+N physical blocks, bs block_size, M max blocks per sequence.
+
+Arguments (C-contiguous device arrays, validated by ``ops/config.py``):
+
+- ``q``, ``dout``, ``out`` [B, H, Sq, D] storage of q's dtype (float32 or uint16 bits)
+- ``k``, ``v`` [N * bs, Hkv, D] the pools with blocks and slots flattened (storage of the same dtype)
+- ``table`` int32 [B, M], ``seq_lens`` int32 [B], ``bs``: token t of sequence b is pool row
+  ``table[b, t // bs] * bs + t % bs``; causal is bottom-right (query i sees keys t <= L - Sq + i)
+- ``lse`` float32 [B, H, Sq] from the forward; ``delta``, ``lse2`` float32 [B, H, Sq] scratch
+- ``dk``, ``dv`` float32 [N * bs, Hkv, D], zeroed; ``dq`` [B, H, Sq, D] storage of q's dtype
+
+Three kernels:
+
+- ``delta_kernel``: per query row, ``delta = rowsum(dout * out)`` and ``lse2 = lse * log2 e``.
+- ``dkdv_kernel``: grid (B * Hkv, key tiles of BK tokens). A block keeps its K and V tile (read once
+  through the block table) in shared memory, walks the G query heads and the query tiles that can
+  see it (causal: from the first row that sees the tile's first key), recomputes
+  P = 2^(c q.k - lse2) and dS = P (dout . v - delta), and accumulates dV += P^T dout and
+  dK += dS^T q in registers. At the end it adds its tile into dk / dv with ``cuda.atomic.add``: a
+  block of the pool shared by several sequences (forks, common prefixes) receives the sum of their
+  gradients, whatever order the thread blocks run in.
+- ``dq_kernel``: grid (B * H, query tiles of BQ rows), the forward's partition: dQ += dS K over the
+  visible key tiles, written once in q's dtype (no atomics).
+
+Rows with lse = -inf (no visible key) contribute nothing; keys t >= L are never read. Threads form
+TY rows x 8 columns; shared tiles are padded to D + 1 floats per row (no bank conflicts down a
+column).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from ...dtypes import F32
+from .codecs import decode_bits, encode_bits
+from .paged_decode import LOG2E
+
+_SMEM_LIMIT = 46 * 1024
+
+
+def bwd_tiles(D: int, sim: bool) -> tuple:
+    """(BQ, BK, TY): query rows and keys per tile, thread rows (NT = 8 * TY threads) -- the largest
+    square tiles whose shared memory (K, V, q, dout tiles, P and dS) fits 46 KB. BK is a multiple
+    of 8 (the score columns) and of TY (the gradient rows), BQ a multiple of TY."""
+    if sim:
+        return 4, 8, 4
+    for t in (32, 16, 8):
+        smem = 4 * (4 * t * (D + 1) + 2 * t * (t + 1) + 2 * t)
+        if smem <= _SMEM_LIMIT or t == 8:
+            return t, t, min(t, 16)
+
+
+@cuda.jit(device=True, inline=True)
+def _to_f32(x, code):
+    """float32 value of one stored element of dtype ``code`` (F32 values or 16-bit bits)."""
+    if code == F32:
+        return float32(x)
+    return decode_bits(x, code)
+
+
+@cuda.jit(device=True, inline=True)
+def _load_tile(src, dst, b, h, r0, nrows, n_valid, D, tid, NT, code):
+    """dst[r, d] = float32 of src[b, h, r0 + r, d] for r < n_valid, 0 beyond (r < nrows)."""
+    for idx in range(tid, nrows * D, NT):
+        r = idx // D
+        d = idx % D
+        x = float32(0.0)
+        if r < n_valid:
+            x = _to_f32(src[b, h, r0 + r, d], code)
+        dst[r, d] = x
+
+
+@cuda.jit(device=True, inline=True)
+def _load_kv(k, v, Ks, Vs, table, b, kvh, bs, k0, nrows, kmax, D, tid, NT, code):
+    """Ks / Vs rows j = K / V of token k0 + j (float32), zeros for tokens >= kmax."""
+    for idx in range(tid, nrows * D, NT):
+        j = idx // D
+        d = idx % D
+        t = k0 + j
+        xk = float32(0.0)
+        xv = float32(0.0)
+        if t < kmax:
+            row = table[b, t // bs] * bs + t % bs
+            xk = _to_f32(k[row, kvh, d], code)
+            xv = _to_f32(v[row, kvh, d], code)
+        Ks[j, d] = xk
+        Vs[j, d] = xv
+
+
+@functools.cache
+def delta_kernel(D: int, code: int):
+    """Grid ceil(B * H * Sq / 128) x 128 threads, one query row per thread."""
+
+    @cuda.jit(cache=True)
+    def kernel(dout, out, lse, delta, lse2):
+        H = dout.shape[1]
+        Sq = dout.shape[2]
+        n = dout.shape[0] * H * Sq
+        x = cuda.grid(1)
+        if x < n:
+            b = x // (H * Sq)
+            h = x // Sq % H
+            i = x % Sq
+            acc = float32(0.0)
+            for d in range(D):
+                acc += _to_f32(dout[b, h, i, d], code) * _to_f32(out[b, h, i, d], code)
+            delta[b, h, i] = acc
+            lse2[b, h, i] = lse[b, h, i] * float32(LOG2E)
+
+    return kernel
+
+
+@functools.cache
+def dkdv_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
+    """Grid (B * Hkv, ceil(max L / BK)), 8 * TY threads; see the module docstring."""
+    NT = 8 * TY
+    RT = BQ // TY           # score rows per thread
+    KT = BK // 8            # score keys per thread
+    KR = BK // TY           # gradient keys per thread
+    DT = -(-D // 8)         # gradient dims per thread
+    S_N = RT * KT
+    G_N = KR * DT
+    D1 = D + 1
+    BK1 = BK + 1
+    NEG_INF = float32(-np.inf)
+
+    @cuda.jit(cache=True)
+    def kernel(q, dout, k, v, table, seq_lens, bs, scale, causal, delta, lse2, dk, dv):
+        tid = cuda.threadIdx.x
+        ty = tid // 8
+        tx = tid % 8
+        H = q.shape[1]
+        Sq = q.shape[2]
+        Hkv = k.shape[1]
+        G = H // Hkv
+        b = cuda.blockIdx.x // Hkv
+        kvh = cuda.blockIdx.x % Hkv
+        k0 = cuda.blockIdx.y * BK
+        L = seq_lens[b]
+        if k0 >= L:
+            return
+
+        Ks = cuda.shared.array((BK, D1), float32)
+        Vs = cuda.shared.array((BK, D1), float32)
+        Qs = cuda.shared.array((BQ, D1), float32)
+        dOs = cuda.shared.array((BQ, D1), float32)
+        Ps = cuda.shared.array((BQ, BK1), float32)
+        dSs = cuda.shared.array((BQ, BK1), float32)
+        l2s = cuda.shared.array(BQ, float32)
+        dls = cuda.shared.array(BQ, float32)
+
+        _load_kv(k, v, Ks, Vs, table, b, kvh, bs, k0, BK, L, D, tid, NT, code)
+        c = float32(scale * LOG2E)
+        s = cuda.local.array(S_N, float32)
+        dp = cuda.local.array(S_N, float32)
+        dka = cuda.local.array(G_N, float32)
+        dva = cuda.local.array(G_N, float32)
+        for x in range(G_N):
+            dka[x] = 0.0
+            dva[x] = 0.0
+        first = L - Sq            # query i sees keys t <= first + i
+        i_lo = 0
+        if causal:
+            i_lo = max(0, k0 - first) // BQ * BQ
+        for g in range(G):
+            h = kvh * G + g
+            for q0 in range(i_lo, Sq, BQ):
+                nq = min(BQ, Sq - q0)
+                cuda.syncthreads()  # K / V ready; the previous tile's Qs, dOs, Ps, dSs consumed
+                _load_tile(q, Qs, b, h, q0, BQ, nq, D, tid, NT, code)
+                _load_tile(dout, dOs, b, h, q0, BQ, nq, D, tid, NT, code)
+                for r in range(tid, BQ, NT):
+                    l2 = NEG_INF
+                    dl = float32(0.0)
+                    if r < nq:
+                        l2 = lse2[b, h, q0 + r]
+                        dl = delta[b, h, q0 + r]
+                    l2s[r] = l2
+                    dls[r] = dl
+                cuda.syncthreads()
+                for x in range(S_N):
+                    s[x] = 0.0
+                    dp[x] = 0.0
+                for d in range(D):
+                    for rr in range(RT):
+                        qv = Qs[ty * RT + rr, d]
+                        ov = dOs[ty * RT + rr, d]
+                        for kk in range(KT):
+                            s[rr * KT + kk] += qv * Ks[tx + 8 * kk, d]
+                            dp[rr * KT + kk] += ov * Vs[tx + 8 * kk, d]
+                for rr in range(RT):
+                    r = ty * RT + rr
+                    i = q0 + r
+                    l2 = l2s[r]
+                    for kk in range(KT):
+                        j = tx + 8 * kk
+                        t = k0 + j
+                        p = float32(0.0)
+                        if l2 > NEG_INF and t < L and (not causal or t <= first + i):
+                            p = math.exp2(c * s[rr * KT + kk] - l2)
+                        Ps[r, j] = p
+                        dSs[r, j] = p * (dp[rr * KT + kk] - dls[r])
+                cuda.syncthreads()
+                for r in range(BQ):
+                    for kr in range(KR):
+                        j = ty * KR + kr
+                        p = Ps[r, j]
+                        ds = dSs[r, j]
+                        for dd in range(DT):
+                            d = tx + 8 * dd
+                            if d < D:
+                                dva[kr * DT + dd] += p * dOs[r, d]
+                                dka[kr * DT + dd] += ds * Qs[r, d]
+        sc = float32(scale)
+        for kr in range(KR):
+            t = k0 + ty * KR + kr
+            if t < L:
+                row = table[b, t // bs] * bs + t % bs
+                for dd in range(DT):
+                    d = tx + 8 * dd
+                    if d < D:
+                        cuda.atomic.add(dk, (row, kvh, d), dka[kr * DT + dd] * sc)
+                        cuda.atomic.add(dv, (row, kvh, d), dva[kr * DT + dd])
+
+    return kernel
+
+
+@functools.cache
+def dq_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
+    """Grid (B * H, ceil(Sq / BQ)), 8 * TY threads; see the module docstring."""
+    NT = 8 * TY
+    RT = BQ // TY           # rows per thread
+    KT = BK // 8            # score keys per thread
+    DT = -(-D // 8)         # dq dims per thread
+    S_N = RT * KT
+    Q_N = RT * DT
+    D1 = D + 1
+    BK1 = BK + 1
+    NEG_INF = float32(-np.inf)
+    OUT_F32 = code == F32
+
+    @cuda.jit(cache=True)
+    def kernel(q, dout, k, v, table, seq_lens, bs, scale, causal, delta, lse2, dq):
+        tid = cuda.threadIdx.x
+        ty = tid // 8
+        tx = tid % 8
+        H = q.shape[1]
+        Sq = q.shape[2]
+        Hkv = k.shape[1]
+        G = H // Hkv
+        b = cuda.blockIdx.x // H
+        h = cuda.blockIdx.x % H
+        kvh = h // G
+        q0 = cuda.blockIdx.y * BQ
+        nq = min(BQ, Sq - q0)
+        L = seq_lens[b]
+
+        Ks = cuda.shared.array((BK, D1), float32)
+        Vs = cuda.shared.array((BK, D1), float32)
+        Qs = cuda.shared.array((BQ, D1), float32)
+        dOs = cuda.shared.array((BQ, D1), float32)
+        dSs = cuda.shared.array((BQ, BK1), float32)
+        l2s = cuda.shared.array(BQ, float32)
+        dls = cuda.shared.array(BQ, float32)
+
+        _load_tile(q, Qs, b, h, q0, BQ, nq, D, tid, NT, code)
+        _load_tile(dout, dOs, b, h, q0, BQ, nq, D, tid, NT, code)
+        for r in range(tid, BQ, NT):
+            l2 = NEG_INF
+            dl = float32(0.0)
+            if r < nq:
+                l2 = lse2[b, h, q0 + r]
+                dl = delta[b, h, q0 + r]
+            l2s[r] = l2
+            dls[r] = dl
+        c = float32(scale * LOG2E)
+        s = cuda.local.array(S_N, float32)
+        dp = cuda.local.array(S_N, float32)
+        dqa = cuda.local.array(Q_N, float32)
+        for x in range(Q_N):
+            dqa[x] = 0.0
+        first = L - Sq
+        kmax = L
+        if causal:
+            kmax = min(L, max(0, first + q0 + nq))   # keys the tile's last row sees
+        for k0 in range(0, kmax, BK):
+            cuda.syncthreads()  # q / dout ready; the previous K, V, dS consumed
+            _load_kv(k, v, Ks, Vs, table, b, kvh, bs, k0, BK, kmax, D, tid, NT, code)
+            cuda.syncthreads()
+            for x in range(S_N):
+                s[x] = 0.0
+                dp[x] = 0.0
+            for d in range(D):
+                for rr in range(RT):
+                    qv = Qs[ty * RT + rr, d]
+                    ov = dOs[ty * RT + rr, d]
+                    for kk in range(KT):
+                        s[rr * KT + kk] += qv * Ks[tx + 8 * kk, d]
+                        dp[rr * KT + kk] += ov * Vs[tx + 8 * kk, d]
+            for rr in range(RT):
+                r = ty * RT + rr
+                i = q0 + r
+                l2 = l2s[r]
+                for kk in range(KT):
+                    j = tx + 8 * kk
+                    t = k0 + j
+                    ds = float32(0.0)
+                    if l2 > NEG_INF and t < kmax and (not causal or t <= first + i):
+                        ds = math.exp2(c * s[rr * KT + kk] - l2) * (dp[rr * KT + kk] - dls[r])
+                    dSs[r, j] = ds
+            cuda.syncthreads()
+            for j in range(BK):
+                for rr in range(RT):
+                    ds = dSs[ty * RT + rr, j]
+                    for dd in range(DT):
+                        d = tx + 8 * dd
+                        if d < D:
+                            dqa[rr * DT + dd] += ds * Ks[j, d]
+        sc = float32(scale)
+        for rr in range(RT):
+            r = ty * RT + rr
+            if r < nq:
+                for dd in range(DT):
+                    d = tx + 8 * dd
+                    if d < D:
+                        y = dqa[rr * DT + dd] * sc
+                        if OUT_F32:
+                            dq[b, h, q0 + r, d] = y
+                        else:
+                            dq[b, h, q0 + r, d] = encode_bits(y, code)
+
+    return kernel
+
+
+@functools.cache
+def fill_kernel():
+    """a[x] = 0 for a 1-D float32 array, grid-stride."""
+
+    @cuda.jit(cache=True)
+    def kernel(a):
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        for x in range(start, a.shape[0], step):
+            a[x] = 0.0
+
+    return kernel
+
+
+@functools.cache
+def encode_kernel(code: int):
+    """out[x] = storage bits of float32 src[x] in dtype ``code`` (F16 / BF16), grid-stride."""
+
+    @cuda.jit(cache=True)
+    def kernel(src, out):
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        for x in range(start, src.shape[0], step):
+            out[x] = encode_bits(src[x], code)
+
+    return kernel
