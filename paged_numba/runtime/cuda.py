@@ -20,7 +20,7 @@ _DECODE_R = 4        # query rows per decode block
 # Per K/V element size in bytes: (elements per lane and token row -> lanes per row, tokens each lane
 # group loads at once, prefetch the next tokens' loads before the math), the fastest of the sweeps
 # in benchmarks/results/gpu_decode_sweep.md.
-_DECODE_GEOMETRY = {1: (8, 2, True), 2: (16, 4, False), 4: (16, 4, False)}
+_DECODE_GEOMETRY = {1: (8, 2, True), 2: (16, 2, False), 4: (16, 2, False)}
 _DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
