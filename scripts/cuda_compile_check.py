@@ -15,6 +15,8 @@ and 64, the two ends of ``_partition``; 512 only with --quick) and ``tiled_kerne
 ``tile_shape(D, sim=False)``); and ``merge_kernel`` for each head dim and output dtype. Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
+``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
+``WRITE_KV_PAIRS``; its scales are passed as NumPy float32.
 
 How (no GPU, no driver): numba compiles the Python function once per specialization; NVVM turns the
 same LLVM IR into PTX for each requested compute capability, and nvJitLink (cuda.core's Linker,
@@ -57,6 +59,10 @@ DTYPE_TRIPLES = (
     ("bf16", "e5m2", "bf16"),
     ("e5m2", "e5m2", "e5m2"),
 )
+# write_kv (pool, rows) dtype pairs: float pools take their own dtype, FP8 pools f32 / f16 / bf16.
+WRITE_KV_PAIRS = (("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
+                  ("e4m3", "f32"), ("e4m3", "f16"), ("e4m3", "bf16"),
+                  ("e5m2", "f32"), ("e5m2", "f16"), ("e5m2", "bf16"))
 PARTITIONS = (512, 64)
 QUICK_PARTITIONS = (512,)
 DEFAULT_CCS = ((9, 0), (8, 0))
@@ -121,6 +127,12 @@ def specializations(quick: bool = False, partitions=None) -> list:
             MT = _merge_threads(D)
             specs.append(dict(kernel="merge", D=D, out=on, PT=None, factory=dict(D=D, out_code=out.code, NT=MT),
                               out_storage=out.storage.name, spec=f"D={D} out={on} NT={MT}"))
+    for pn_, sn in WRITE_KV_PAIRS:  # no head_dim or geometry constants: one kernel per dtype pair
+        pool, src = dts[pn_], dts[sn]
+        specs.append(dict(kernel="write_kv", D=None, pool=pn_, src=sn, PT=None,
+                          factory=dict(pool_code=pool.code, src_code=src.code),
+                          pool_storage=pool.storage.name, src_storage=src.storage.name,
+                          spec=f"pool={pn_} rows={sn}"))
     return specs
 
 
@@ -134,6 +146,9 @@ def _signature(spec):
         return nt.Array(getattr(nt, dtype_name), ndim, "C")
 
     f32 = "float32"
+    if spec["kernel"] == "write_kv":  # (k_pool, v_pool, k, v, slots, k_scale, v_scale)
+        pool, src = arr(spec["pool_storage"], 4), arr(spec["src_storage"], 3)
+        return nt.void(pool, pool, src, src, arr("int64", 1), nt.float32, nt.float32)
     if spec["kernel"] == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
     head = (arr(spec["q_storage"], 4), arr(spec["word"], 4), arr(spec["word"], 4), arr("int32", 2),
@@ -266,6 +281,9 @@ def _factory(spec):
     if spec["kernel"] == "tiled":
         from paged_numba.kernels.cuda.paged_attention import tiled_kernel
         return tiled_kernel(**spec["factory"])
+    if spec["kernel"] == "write_kv":
+        from paged_numba.kernels.cuda.write_kv import write_kv_kernel
+        return write_kv_kernel(**spec["factory"])
     from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
     return (decode_kernel if spec["kernel"] == "decode" else merge_kernel)(**spec["factory"])
 
@@ -304,7 +322,7 @@ def _worker(args):
 
 def _cost(spec):
     # Rough compile cost, to hand the big kernels out first.
-    return (spec["kernel"] != "merge", spec["D"])
+    return (spec["kernel"] not in ("merge", "write_kv"), spec["D"] or 0)
 
 
 def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None) -> list:
@@ -374,7 +392,7 @@ def format_table(rows) -> str:
 
 def format_summary(rows) -> str:
     out = []
-    for kernel in ("decode", "tiled", "merge"):
+    for kernel in ("decode", "tiled", "merge", "write_kv"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]

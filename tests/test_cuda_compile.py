@@ -1,5 +1,5 @@
-"""Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, merge)
-compiles to a cubin for sm_90 with no GPU, and none spills registers.
+"""Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, merge,
+write_kv) compiles to a cubin for sm_90 with no GPU, and none spills registers.
 
 Runs ``scripts/cuda_compile_check.py`` in a subprocess without ``NUMBA_ENABLE_CUDASIM`` (numba's
 ``cuda.compile`` does not work inside a simulator process), so it runs the same in the CPU lane and
@@ -27,6 +27,9 @@ DTYPE_TRIPLES = (("f32", "f32", "f32"), ("f16", "f16", "f16"), ("bf16", "bf16", 
                  ("f32", "e4m3", "f32"), ("bf16", "e4m3", "bf16"), ("e4m3", "e4m3", "e4m3"),
                  ("bf16", "e5m2", "bf16"), ("e5m2", "e5m2", "e5m2"))
 OUT_DTYPES = ("f32", "f16", "bf16", "e4m3", "e5m2")
+# write_kv: (pool, rows) -- float pools take their own dtype, FP8 pools f32 / f16 / bf16 rows.
+WRITE_KV_PAIRS = {("f32", "f32"), ("f16", "f16"), ("bf16", "bf16")} | {
+    (p, r) for p in ("e4m3", "e5m2") for r in ("f32", "f16", "bf16")}
 
 
 def _missing_compiler_libraries() -> list:
@@ -77,7 +80,10 @@ def _assert_report(rows, stdout, ccs, partitions):
         got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
         want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
         assert got == want, f"merge {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
-    per_cc = len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
+        got = {(r["pool"], r["src"]) for r in rows if r["kernel"] == "write_kv" and r["cc"] == cc}
+        assert got == WRITE_KV_PAIRS, f"write_kv {cc}: missing {sorted(WRITE_KV_PAIRS - got)}, " \
+                                      f"unexpected {sorted(got - WRITE_KV_PAIRS)}"
+    per_cc = len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES)) + len(WRITE_KV_PAIRS)
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
