@@ -108,3 +108,34 @@ def test_fp8_cache_halves_memory_with_bounded_error():
     assert m, log
     bf16, e4m3, e5m2 = (float(g) for g in m.groups())
     assert bf16 < e4m3 < 0.05 and e4m3 < e5m2 < 0.1, log
+
+
+def _run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "paged_numba", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_runs_through_a_paged_kv_cache():
+    res = _run_module("--runtime", "cpu")
+    log = f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, log
+    assert re.search(r"lengths \[700, 1024, 33, 712\] \(the last a fork of the first: 43 blocks shared\)", res.stdout), log
+    assert len(re.findall(r"max\|out-ref\|=\S+ ok ", res.stdout)) == 2, log
+    assert re.search(r"append +1 token to each of 4 sequences \(write_kv\) +[0-9.]+ ms", res.stdout), log
+
+
+def test_bench_shows_progress_then_a_table():
+    res = _run_module("bench", "--quick", "--runtime", "cpu")
+    log = f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, log
+    assert "[##############################] 8/8 done" in res.stderr, log
+    assert re.search(r"^workload +dtype +shape +median +throughput$", res.stdout, re.M), log
+    rows = re.findall(r"^(decode attention|causal prefill attention|append 1 token x B|append a prompt|"
+                      r"fork \+ CoW append \+ free) +(\S+) .* ([0-9.]+) ms +([0-9.]+) (\S+ ?\S*/s)$", res.stdout, re.M)
+    assert [(r[0], r[1]) for r in rows] == [
+        ("decode attention", "f32"), ("decode attention", "bf16"), ("decode attention", "fp8_e4m3"),
+        ("causal prefill attention", "f32"), ("append 1 token x B", "f32"), ("append 1 token x B", "fp8_e4m3"),
+        ("append a prompt", "f32"), ("fork + CoW append + free", "f32")], log
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), log
