@@ -166,6 +166,8 @@ def build(cache, rng, lens, dtype):
 @pytest.mark.parametrize("Sq, causal", [(1, True), (3, True), (2, False)], ids=["decode", "causal3", "full2"])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["f32", "f16", "bf16"])
 def test_attention_over_the_cache_equals_dense_attention(runtime_name, dtype, Sq, causal):
+    if is_sim(runtime_name) and dtype != F32 and Sq > 1:
+        pytest.skip("CUDA simulator: f16 / bf16 run the decode case only (the kernels' own grid is test_tiny_grid)")
     rng = np.random.default_rng(7 + Sq + len(str(dtype)))
     H, Hkv, D, bs = 4, 2, 8, 4
     cache = pn.PagedKVCache(12, bs, Hkv, D, dtype={F32: "f32", F16: "f16", BF16: "bf16"}[dtype],
