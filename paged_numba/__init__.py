@@ -1,8 +1,9 @@
 """paged_numba: vLLM-style paged attention (block-table KV cache) for NumPy users, on the CPU
 (parallel numba loops) and on NVIDIA GPUs (numba.cuda kernels)."""
+from .cache import PagedKVCache
 from .dtypes import DType
-from .errors import RuntimeUnavailableError
-from .ops import paged_attention_bwd, paged_attention_fwd, paged_attention_fwd_fp8
+from .errors import OutOfBlocksError, RuntimeUnavailableError
+from .ops import paged_attention_bwd, paged_attention_fwd, paged_attention_fwd_fp8, write_kv
 from .runtime import Runtime, available_runtimes, get_runtime, register_runtime
 from .tensor import Tensor, tensor
 
@@ -11,3 +12,4 @@ __version__ = "0.1.0"
 __all__ = ["DType", "Runtime", "RuntimeUnavailableError", "Tensor", "available_runtimes",
            "get_runtime", "paged_attention_bwd", "paged_attention_fwd", "paged_attention_fwd_fp8",
            "register_runtime", "tensor", "__version__"]
+__all__ += ["OutOfBlocksError", "PagedKVCache", "write_kv"]

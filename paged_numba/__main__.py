@@ -1,7 +1,8 @@
-"""``python -m paged_numba``: the demo (default) -- a paged KV cache, a decode step and a prefill
-on the default runtime, checked against the float64 reference, with timings.
+"""``python -m paged_numba``: the demo (default) -- a PagedKVCache, a decode step and a prefill
+on the default runtime, checked against the float64 reference, with timings; ``bench`` times the
+ops and the cache over a set of workloads (a progress bar, then a table).
 
-    python -m paged_numba [demo] [--runtime NAME]
+    python -m paged_numba [demo | bench [--quick]] [--runtime NAME]
 """
 from __future__ import annotations
 
@@ -28,44 +29,60 @@ def demo(runtime=None) -> int:
     rt = pn.get_runtime(runtime)
     print(f"paged_numba {pn.__version__} on runtime {rt.name!r} ({rt.device})")
     rng = np.random.default_rng(0)
-    B, H, Hkv, D, bs = 4, 16, 4, 64, 16
-    lens = np.array([700, 1024, 33, 512], np.int32)
-    M = int(lens.max() + bs - 1) // bs
-    need = int(((lens + bs - 1) // bs).sum())
-    N = need + 8
-    # A paged cache: a pool of N blocks; each sequence owns a shuffled set of them.
-    k_blocks = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32)
-    v_blocks = rng.standard_normal((N, bs, Hkv, D), dtype=np.float32)
-    perm = rng.permutation(N)
-    table = np.full((B, M), -1, np.int32)
-    used = 0
-    for b, L in enumerate(lens):
-        n = (int(L) + bs - 1) // bs
-        table[b, :n] = perm[used:used + n]
-        used += n
-    print(f"KV pool: {N} blocks x {bs} tokens x {Hkv} kv heads x {D} dims, "
-          f"{k_blocks.nbytes * 2 / 2**20:.1f} MiB; lengths {lens.tolist()}")
+    H, Hkv, D, bs = 16, 4, 64, 16
+    prompts = [700, 1024, 33]
+    N = sum(-(-L // bs) for L in prompts) + 16
+    # A paged KV cache: sequences take blocks from the pool as they grow; a fork shares blocks.
+    cache = pn.PagedKVCache(N, bs, Hkv, D, runtime=rt)
+    ids = []
+    for L in prompts:
+        s = cache.add_sequence()
+        for part in np.array_split(np.arange(L), 2):   # the K/V of a prompt, written in two appends
+            cache.append(s, rng.standard_normal((part.size, Hkv, D), dtype=np.float32),
+                         rng.standard_normal((part.size, Hkv, D), dtype=np.float32))
+        ids.append(s)
+    fork = cache.fork(ids[0])                          # shares sequence 0's 700 tokens
+    cache.append(fork, rng.standard_normal((12, Hkv, D), dtype=np.float32),
+                 rng.standard_normal((12, Hkv, D), dtype=np.float32))
+    ids.append(fork)
+    table, lens = cache.block_table(ids)
+    shared = int((cache.ref_counts > 1).sum())
+    print(f"KV cache: {N} blocks x {bs} tokens x {Hkv} kv heads x {D} dims, {N * cache.block_nbytes / 2**20:.1f} MiB; "
+          f"lengths {lens.tolist()} (the last a fork of the first: {shared} blocks shared); "
+          f"{N - cache.num_free_blocks} blocks in use")
+    B = len(ids)
     ok = True
-    for name, Sq, causal in (("decode", 1, False), ("prefill", 128, True)):
+    for name, Sq, causal in (("decode", 1, True), ("prefill", 128, True)):
         q = rng.standard_normal((B, H, Sq, D), dtype=np.float32)
-        args = (q, k_blocks, v_blocks, table)
-        out, lse = pn.paged_attention_fwd(*args, causal=causal, seq_lens=lens, runtime=rt)
+        out, lse = cache.attention(q, ids, causal=causal)
+        args = (q, cache.k_blocks.numpy(), cache.v_blocks.numpy(), table)
         ref, ref_lse = paged_attention_fwd_ref(*args, causal=causal, seq_lens=lens)
         err = float(np.abs(out - ref).max())
-        t = _time(lambda: pn.paged_attention_fwd(*args, causal=causal, seq_lens=lens, runtime=rt))
+        t = _time(lambda: cache.attention(q, ids, causal=causal))
         t_ref = _time(lambda: paged_attention_fwd_ref(*args, causal=causal, seq_lens=lens), repeat=1)
         good = err < 1e-4 and np.allclose(lse, ref_lse, atol=1e-4)
         ok &= good
         print(f"{name:8s} Sq={Sq:<4d} causal={causal!s:5s} max|out-ref|={err:.2e} "
               f"{'ok' if good else 'MISMATCH'}  {t * 1e3:8.2f} ms  (reference {t_ref * 1e3:.0f} ms)")
+    one = [(rng.standard_normal((1, Hkv, D), dtype=np.float32),) * 2 for _ in ids]
+
+    def append_step():
+        for s, (k, v) in zip(ids, one):
+            cache.append(s, k, v)
+    t = _time(append_step)
+    print(f"append   1 token to each of {B} sequences (write_kv)          {t * 1e3:8.2f} ms")
     return 0 if ok else 1
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paged_numba", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="demo", choices=["demo"])
+    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "bench"])
     parser.add_argument("--runtime", default=None, help="cpu, cuda or auto (default: $PAGED_NUMBA_RUNTIME or auto)")
+    parser.add_argument("--quick", action="store_true", help="bench: small shapes, few repeats")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import bench
+        return bench(args.runtime, quick=args.quick)
     return demo(args.runtime)
 
 

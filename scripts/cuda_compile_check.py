@@ -17,6 +17,8 @@ backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ fo
 F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
+``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
+``WRITE_KV_PAIRS``; its scales are passed as NumPy float32.
 
 How (no GPU, no driver): numba compiles the Python function once per specialization; NVVM turns the
 same LLVM IR into PTX for each requested compute capability, and nvJitLink (cuda.core's Linker,
@@ -59,6 +61,10 @@ DTYPE_TRIPLES = (
     ("bf16", "e5m2", "bf16"),
     ("e5m2", "e5m2", "e5m2"),
 )
+# write_kv (pool, rows) dtype pairs: float pools take their own dtype, FP8 pools f32 / f16 / bf16.
+WRITE_KV_PAIRS = (("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
+                  ("e4m3", "f32"), ("e4m3", "f16"), ("e4m3", "bf16"),
+                  ("e5m2", "f32"), ("e5m2", "f16"), ("e5m2", "bf16"))
 PARTITIONS = (2048, 64)
 QUICK_PARTITIONS = (2048,)
 DEFAULT_CCS = ((9, 0), (8, 0))
@@ -124,6 +130,12 @@ def specializations(quick: bool = False, partitions=None) -> list:
             MT = _merge_threads(D)
             specs.append(dict(kernel="merge", D=D, out=on, PT=None, factory=dict(D=D, out_code=out.code, NT=MT),
                               out_storage=out.storage.name, spec=f"D={D} out={on} NT={MT}"))
+    for pn_, sn in WRITE_KV_PAIRS:  # no head_dim or geometry constants: one kernel per dtype pair
+        pool, src = dts[pn_], dts[sn]
+        specs.append(dict(kernel="write_kv", D=None, pool=pn_, src=sn, PT=None,
+                          factory=dict(pool_code=pool.code, src_code=src.code),
+                          pool_storage=pool.storage.name, src_storage=src.storage.name,
+                          spec=f"pool={pn_} rows={sn}"))
     specs += _backward_specializations(dts)
     return specs
 
@@ -169,6 +181,9 @@ def _signature(spec):
     f32 = "float32"
     if spec["kernel"].startswith("bwd_"):
         return _backward_signature(spec, arr)
+    if spec["kernel"] == "write_kv":  # (k_pool, v_pool, k, v, slots, k_scale, v_scale)
+        pool, src = arr(spec["pool_storage"], 4), arr(spec["src_storage"], 3)
+        return nt.void(pool, pool, src, src, arr("int64", 1), nt.float32, nt.float32)
     if spec["kernel"] == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
     q, word, table, lens = arr(spec["q_storage"], 4), spec["word"], arr("int32", 2), arr("int32", 1)
@@ -330,6 +345,9 @@ def _factory(spec):
         factory = {"bwd_delta": bwd.delta_kernel, "bwd_dkdv": bwd.dkdv_kernel, "bwd_dq": bwd.dq_kernel,
                    "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel}[spec["kernel"]]
         return factory(**spec["factory"])
+    if spec["kernel"] == "write_kv":
+        from paged_numba.kernels.cuda.write_kv import write_kv_kernel
+        return write_kv_kernel(**spec["factory"])
     from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
     return (decode_kernel if spec["kernel"] == "decode" else merge_kernel)(**spec["factory"])
 
@@ -368,7 +386,7 @@ def _worker(args):
 
 def _cost(spec):
     # Rough compile cost, to hand the big kernels out first.
-    return (spec["kernel"] != "merge", spec["D"] or 0)
+    return (spec["kernel"] not in ("merge", "write_kv"), spec["D"] or 0)
 
 
 def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None) -> list:
@@ -438,7 +456,8 @@ def format_table(rows) -> str:
 
 def format_summary(rows) -> str:
     out = []
-    for kernel in ("decode", "tiled", "merge", "bwd_delta", "bwd_dkdv", "bwd_dq", "bwd_fill", "bwd_encode"):
+    for kernel in ("decode", "tiled", "merge", "write_kv", "bwd_delta", "bwd_dkdv", "bwd_dq", "bwd_fill",
+                   "bwd_encode"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]

@@ -1,5 +1,5 @@
-"""Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, merge)
-compiles to a cubin for sm_90 with no GPU, and none spills registers.
+"""Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, merge,
+write_kv) compiles to a cubin for sm_90 with no GPU, and none spills registers.
 
 Runs ``scripts/cuda_compile_check.py`` in a subprocess without ``NUMBA_ENABLE_CUDASIM`` (numba's
 ``cuda.compile`` does not work inside a simulator process), so it runs the same in the CPU lane and
@@ -28,6 +28,9 @@ DTYPE_TRIPLES = (("f32", "f32", "f32"), ("f16", "f16", "f16"), ("bf16", "bf16", 
                  ("bf16", "e5m2", "bf16"), ("e5m2", "e5m2", "e5m2"))
 OUT_DTYPES = ("f32", "f16", "bf16", "e4m3", "e5m2")
 BWD_DTYPES = ("f32", "f16", "bf16")     # the backward: delta, dK/dV, dQ per head dim; fill; encode
+# write_kv: (pool, rows) -- float pools take their own dtype, FP8 pools f32 / f16 / bf16 rows.
+WRITE_KV_PAIRS = {("f32", "f32"), ("f16", "f16"), ("bf16", "bf16")} | {
+    (p, r) for p in ("e4m3", "e5m2") for r in ("f32", "f16", "bf16")}
 
 
 def _missing_compiler_libraries() -> list:
@@ -78,6 +81,9 @@ def _assert_report(rows, stdout, ccs, partitions):
         got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
         want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
         assert got == want, f"merge {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["pool"], r["src"]) for r in rows if r["kernel"] == "write_kv" and r["cc"] == cc}
+        assert got == WRITE_KV_PAIRS, f"write_kv {cc}: missing {sorted(WRITE_KV_PAIRS - got)}, " \
+                                      f"unexpected {sorted(got - WRITE_KV_PAIRS)}"
         for kernel in ("bwd_delta", "bwd_dkdv", "bwd_dq"):
             got = {(r["D"], r["q"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, name) for D in HEAD_DIMS for name in BWD_DTYPES}
@@ -85,7 +91,7 @@ def _assert_report(rows, stdout, ccs, partitions):
         got = sorted(r["out"] for r in rows if r["kernel"] in ("bwd_fill", "bwd_encode") and r["cc"] == cc)
         assert got == ["bf16", "f16", "f32"], f"fill / encode {cc}: {got}"
     per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
-              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3)
+              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

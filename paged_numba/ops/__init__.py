@@ -11,7 +11,7 @@ import numpy as np
 from ..dtypes import DType, from_storage, to_storage
 from ..runtime import get_runtime
 from ..tensor import Tensor
-from .config import bwd_config, fwd_config, fwd_fp8_config
+from .config import bwd_config, fwd_config, fwd_fp8_config, write_kv_config
 
 
 def _pick_runtime(arrays: dict, runtime):
@@ -106,4 +106,38 @@ def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, n
     return (_wrap(dq, qd, rt, as_tensor), _wrap(dk, kd, rt, as_tensor), _wrap(dv, kd, rt, as_tensor))
 
 
-__all__ = ["paged_attention_bwd", "paged_attention_fwd", "paged_attention_fwd_fp8"]
+def write_kv(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_scale=1.0, fp8_format=None,
+             runtime=None):
+    """Write new K/V rows into the pools, in place (vLLM's ``reshape_and_cache``) -> None.
+
+    ``k``, ``v`` [T, Hkv, D] (or [T, D] for 3-D pools): row t goes to slot ``slot_mapping[t]``,
+    i.e. block ``slot // bs``, offset ``slot % bs``, of ``k_blocks`` / ``v_blocks`` [N, bs, Hkv, D];
+    negative slots are skipped. Float pools take k / v of their own dtype; FP8 pools take F32 / F16 /
+    BF16 values and store ``value / scale`` rounded to nearest even, saturated to +-max. The pools
+    are written in place: a Tensor's storage on its runtime, or a NumPy array's own memory (on a
+    non-cpu runtime a NumPy pool is uploaded, written and copied back whole). Every check runs
+    before anything is written.
+    """
+    rt, _ = _pick_runtime({"k_blocks": k_blocks, "v_blocks": v_blocks, "k": k, "v": v}, runtime)
+    cfg = write_kv_config(k_blocks, v_blocks, k, v, slot_mapping, k_scale=k_scale, v_scale=v_scale,
+                          fp8_format=fp8_format)
+    if cfg.n_written == 0 or cfg.Hkv * cfg.D == 0:
+        return None
+    pools, host = [], []
+    for p in (k_blocks, v_blocks):
+        if isinstance(p, Tensor):
+            pools.append(p.storage.reshape(cfg.pool_shape))
+            continue
+        view = to_storage(p, cfg.pool_dtype).reshape(cfg.pool_shape)   # a view: C-contiguous
+        dev = rt.from_host(view)
+        pools.append(dev)
+        if dev is not view:
+            host.append((view, dev))
+    src = [_storage(x, cfg.src_dtype, rt).reshape(cfg.src_shape) for x in (k, v)]
+    rt.client.run_write_kv(cfg, pools[0], pools[1], src[0], src[1])
+    for view, dev in host:
+        view[...] = rt.to_host(dev)
+    return None
+
+
+__all__ = ["paged_attention_bwd", "paged_attention_fwd", "paged_attention_fwd_fp8", "write_kv"]

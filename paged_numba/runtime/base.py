@@ -62,6 +62,25 @@ class Client:
         """-> (dq like q, dk like k, dv like v)."""
         raise NotImplementedError(f"paged_attention_bwd is not implemented on {self.runtime.name!r}")
 
+    def write_kv(self, *args, **kwargs):
+        from ..ops import write_kv
+
+        return write_kv(*args, runtime=self.runtime, **kwargs)
+
+    def run_write_kv(self, cfg, k_pool, v_pool, k, v):
+        """Write rows ``k``, ``v`` [T, Hkv, D] (storage of ``cfg.src_dtype``) into the pools
+        [N, bs, Hkv, D] (storage of ``cfg.pool_dtype``) in place at ``cfg.slots`` (negative: skip);
+        FP8 pools get ``value / scale``, rounded to nearest even and saturated."""
+        raise NotImplementedError(f"write_kv is not implemented on {self.runtime.name!r}")
+
+    def run_copy_block(self, pool, src: int, dst: int):
+        """Copy physical block ``src`` of ``pool`` (native storage, blocks on axis 0) onto block
+        ``dst``, in place: NumPy assignment, or a device-to-device copy for device arrays."""
+        if isinstance(pool, np.ndarray):
+            pool[dst] = pool[src]
+        else:
+            pool[dst].copy_to_device(pool[src])
+
 
 class Runtime:
     """A backend: ``name``, ``device``, ``client``, and the storage moves the Tensor layer needs."""

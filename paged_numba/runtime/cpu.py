@@ -66,6 +66,15 @@ class CpuClient(Client):
         return (encode_f32(dq, qd), encode_f32(dk, kd).reshape(k.shape),
                 encode_f32(dv, kd).reshape(v.shape))
 
+    def run_write_kv(self, cfg, k_pool, v_pool, k, v):
+        from ..kernels.cpu.write_kv import write_kv_rows
+
+        if cfg.pool_dtype.is_fp8:  # value / scale in float32, then the saturating RNE encoder
+            with np.errstate(over="ignore", invalid="ignore"):
+                k = encode_f32(decode_f32(k, cfg.src_dtype) / np.float32(cfg.k_scale), cfg.pool_dtype)
+                v = encode_f32(decode_f32(v, cfg.src_dtype) / np.float32(cfg.v_scale), cfg.pool_dtype)
+        write_kv_rows(k_pool, v_pool, k, v, cfg.slots)
+
 
 def block_readers(cfg):
     """The inverse of the block table for the backward's dK/dV pass: (blocks, rd_start, rd_b, rd_lb)

@@ -183,6 +183,15 @@ class CudaClient(Client):
             pt //= 2
         return pt
 
+    def run_write_kv(self, cfg, k_pool, v_pool, k, v):
+        from ..kernels.cuda.write_kv import write_kv_kernel
+
+        n = cfg.T * cfg.Hkv * cfg.D
+        NT = 32 if self.runtime.simulator else 256
+        slots = self._cuda.to_device(cfg.slots)
+        kern = write_kv_kernel(cfg.pool_dtype.code, cfg.src_dtype.code)
+        kern[-(-n // NT), NT](k_pool, v_pool, k, v, slots, np.float32(cfg.k_scale), np.float32(cfg.v_scale))
+
 
 class CudaRuntime(Runtime):
     name = "cuda"
