@@ -41,11 +41,16 @@ def _word_dtype(row_bytes: int):
 
 
 def _tpg(D: int, W: int, sim: bool, epl: int) -> int:
-    """Lanes per token row: about ``epl`` elements per lane, a power of two dividing the warp."""
+    """Lanes per token row: the fewest (a power of two dividing the warp, at most W) that leave each
+    lane at most ``epl`` elements of a row (more would spill registers), or the most there are."""
     if sim:
         return 1
+    E = D // W                      # elements per word
+    cap = 1
+    while cap * 2 <= min(32, W):
+        cap *= 2
     t = 1
-    while t * 2 <= min(32, W) and t * 2 * epl <= D:
+    while t < cap and -(-W // t) * E > epl:
         t *= 2
     return t
 

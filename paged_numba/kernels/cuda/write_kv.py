@@ -59,8 +59,12 @@ def write_kv_kernel(pool_code: int, src_code: int):
             else:
                 xk = decode_bits(k[t, h, d], src_code)
                 xv = decode_bits(v[t, h, d], src_code)
-            xk = xk / float32(k_scale)
-            xv = xv / float32(v_scale)
+            # A GPU division returns the canonical (positive) NaN for any NaN operand; dividing only
+            # non-NaN values keeps a NaN's sign bit, as ml_dtypes (and the CPU path) do.
+            if xk == xk:
+                xk = xk / float32(k_scale)
+            if xv == xv:
+                xv = xv / float32(v_scale)
             k_pool[blk, off, h, d] = encode_bits(xk, pool_code)
             v_pool[blk, off, h, d] = encode_bits(xv, pool_code)
 
