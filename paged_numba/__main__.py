@@ -7,23 +7,13 @@ ops and the cache over a set of workloads (a progress bar, then a table).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 
-def _time(fn, repeat=5):
-    fn()  # warm-up (compiles on the first ever call)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def demo(runtime=None) -> int:
     import paged_numba as pn
+    from paged_numba.bench import median_time
     from paged_numba.ops.reference import paged_attention_fwd_ref
 
     rt = pn.get_runtime(runtime)
@@ -58,8 +48,8 @@ def demo(runtime=None) -> int:
         args = (q, cache.k_blocks.numpy(), cache.v_blocks.numpy(), table)
         ref, ref_lse = paged_attention_fwd_ref(*args, causal=causal, seq_lens=lens)
         err = float(np.abs(out - ref).max())
-        t = _time(lambda: cache.attention(q, ids, causal=causal))
-        t_ref = _time(lambda: paged_attention_fwd_ref(*args, causal=causal, seq_lens=lens), repeat=1)
+        t = median_time(lambda: cache.attention(q, ids, causal=causal))
+        t_ref = median_time(lambda: paged_attention_fwd_ref(*args, causal=causal, seq_lens=lens), repeat=1)
         good = err < 1e-4 and np.allclose(lse, ref_lse, atol=1e-4)
         ok &= good
         print(f"{name:8s} Sq={Sq:<4d} causal={causal!s:5s} max|out-ref|={err:.2e} "
@@ -69,7 +59,7 @@ def demo(runtime=None) -> int:
     def append_step():
         for s, (k, v) in zip(ids, one):
             cache.append(s, k, v)
-    t = _time(append_step)
+    t = median_time(append_step)
     print(f"append   1 token to each of {B} sequences (write_kv)          {t * 1e3:8.2f} ms")
     return 0 if ok else 1
 

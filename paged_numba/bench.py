@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 
-def _median_time(fn, repeat):
+def median_time(fn, repeat=5):
+    """Median wall time of ``fn()`` in seconds over ``repeat`` calls, after one warm-up call."""
     fn()  # warm-up: compiles on the first call ever (seconds), loads the cache after that
     times = []
     for _ in range(repeat):
@@ -138,7 +139,7 @@ def bench(runtime=None, quick: bool = False, stream=None) -> int:
     for i, (label, dtype, shape, setup) in enumerate(todo):
         _progress(i, len(todo), f"{label} {dtype}", stream=stream)
         fn, amount, unit = setup(pn, rt, rng)
-        rows.append((label, dtype, shape, _median_time(fn, repeat), amount, unit))
+        rows.append((label, dtype, shape, median_time(fn, repeat), amount, unit))
     _progress(len(todo), len(todo), "done", stream=stream)
     print(format_table(rows))
     return 0

@@ -131,18 +131,24 @@ def _host_ints(x, name) -> np.ndarray:
     return arr
 
 
-def _qkv_shapes(q, k_blocks, v_blocks):
-    """(B, H, Sq, D, N, bs, Hkv, kv_3d) from q and the pools, or ValueError."""
-    qs, _, _ = _shape_dtype(q, "q")
-    if len(qs) != 4:
-        raise ValueError(f"q: expected 4-D [B, H, Sq, D], got {len(qs)}-D shape {qs}")
-    B, H, Sq, D = qs
+def _pool_shape(k_blocks, v_blocks) -> tuple:
+    """The pools' common shape [N, bs, Hkv, D] or [N, bs, D], or ValueError."""
     ks, _, _ = _shape_dtype(k_blocks, "k_blocks")
     vs, _, _ = _shape_dtype(v_blocks, "v_blocks")
     if len(ks) not in (3, 4):
         raise ValueError(f"k_blocks: expected 4-D [N, bs, Hkv, D] or 3-D [N, bs, D], got {len(ks)}-D shape {ks}")
     if vs != ks:
         raise ValueError(f"v_blocks: expected the shape of k_blocks {ks}, got {vs}")
+    return ks
+
+
+def _qkv_shapes(q, k_blocks, v_blocks):
+    """(B, H, Sq, D, N, bs, Hkv, kv_3d) from q and the pools, or ValueError."""
+    qs, _, _ = _shape_dtype(q, "q")
+    if len(qs) != 4:
+        raise ValueError(f"q: expected 4-D [B, H, Sq, D], got {len(qs)}-D shape {qs}")
+    B, H, Sq, D = qs
+    ks = _pool_shape(k_blocks, v_blocks)
     kv_3d = len(ks) == 3
     N, bs = ks[0], ks[1]
     Hkv = 1 if kv_3d else ks[2]
@@ -381,12 +387,7 @@ def write_kv_config(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_sc
     vd = _pool_dtype(v_blocks, "v_blocks", fmt)
     if vd != pd:
         raise TypeError(f"v_blocks: expected k_blocks' dtype {pd.value}, got {vd.value}")
-    ks, _, _ = _shape_dtype(k_blocks, "k_blocks")
-    vs, _, _ = _shape_dtype(v_blocks, "v_blocks")
-    if len(ks) not in (3, 4):
-        raise ValueError(f"k_blocks: expected 4-D [N, bs, Hkv, D] or 3-D [N, bs, D], got {len(ks)}-D shape {ks}")
-    if vs != ks:
-        raise ValueError(f"v_blocks: expected the shape of k_blocks {ks}, got {vs}")
+    ks = _pool_shape(k_blocks, v_blocks)
     if k_blocks is v_blocks or _same_memory(k_blocks, v_blocks):
         raise ValueError("v_blocks: shares memory with k_blocks; K and V need pools of their own")
     kv_3d = len(ks) == 3

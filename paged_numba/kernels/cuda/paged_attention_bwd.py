@@ -94,6 +94,48 @@ def _load_kv(k, v, Ks, Vs, table, b, kvh, bs, k0, nrows, kmax, D, tid, NT, code)
         Vs[j, d] = xv
 
 
+@cuda.jit(device=True, inline=True)
+def _load_rows(q, dout, lse2, delta, Qs, dOs, l2s, dls, b, h, q0, BQ, nq, D, tid, NT, code):
+    """The query tile's q and dout rows (float32) and its lse2 / delta (-inf / 0 past nq rows)."""
+    _load_tile(q, Qs, b, h, q0, BQ, nq, D, tid, NT, code)
+    _load_tile(dout, dOs, b, h, q0, BQ, nq, D, tid, NT, code)
+    for r in range(tid, BQ, NT):
+        l2 = float32(-np.inf)
+        dl = float32(0.0)
+        if r < nq:
+            l2 = lse2[b, h, q0 + r]
+            dl = delta[b, h, q0 + r]
+        l2s[r] = l2
+        dls[r] = dl
+
+
+@cuda.jit(device=True, inline=True)
+def _probs_and_ds(Qs, dOs, Ks, Vs, l2s, dls, s, dp, ty, tx, RT, KT, D, c, q0, k0, kend, first, causal):
+    """This thread's RT x KT entries (rows ty * RT + rr, keys tx + 8 * kk) of the tile: P =
+    2^(c q.k - lse2) into ``s`` and dS = P (dout . v - delta) into ``dp``; 0 for keys >= kend,
+    causally hidden keys and rows without keys."""
+    for x in range(RT * KT):
+        s[x] = 0.0
+        dp[x] = 0.0
+    for d in range(D):
+        for rr in range(RT):
+            qv = Qs[ty * RT + rr, d]
+            ov = dOs[ty * RT + rr, d]
+            for kk in range(KT):
+                s[rr * KT + kk] += qv * Ks[tx + 8 * kk, d]
+                dp[rr * KT + kk] += ov * Vs[tx + 8 * kk, d]
+    for rr in range(RT):
+        r = ty * RT + rr
+        l2 = l2s[r]
+        for kk in range(KT):
+            t = k0 + tx + 8 * kk
+            p = float32(0.0)
+            if l2 > float32(-np.inf) and t < kend and (not causal or t <= first + q0 + r):
+                p = math.exp2(c * s[rr * KT + kk] - l2)
+            s[rr * KT + kk] = p
+            dp[rr * KT + kk] = p * (dp[rr * KT + kk] - dls[r])
+
+
 @functools.cache
 def delta_kernel(D: int, code: int):
     """Grid ceil(B * H * Sq / 128) x 128 threads, one query row per thread."""
@@ -129,7 +171,6 @@ def dkdv_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
     G_N = KR * DT
     D1 = D + 1
     BK1 = BK + 1
-    NEG_INF = float32(-np.inf)
 
     @cuda.jit(cache=True)
     def kernel(q, dout, k, v, table, seq_lens, bs, scale, causal, delta, lse2, dk, dv):
@@ -174,39 +215,14 @@ def dkdv_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
             for q0 in range(i_lo, Sq, BQ):
                 nq = min(BQ, Sq - q0)
                 cuda.syncthreads()  # K / V ready; the previous tile's Qs, dOs, Ps, dSs consumed
-                _load_tile(q, Qs, b, h, q0, BQ, nq, D, tid, NT, code)
-                _load_tile(dout, dOs, b, h, q0, BQ, nq, D, tid, NT, code)
-                for r in range(tid, BQ, NT):
-                    l2 = NEG_INF
-                    dl = float32(0.0)
-                    if r < nq:
-                        l2 = lse2[b, h, q0 + r]
-                        dl = delta[b, h, q0 + r]
-                    l2s[r] = l2
-                    dls[r] = dl
+                _load_rows(q, dout, lse2, delta, Qs, dOs, l2s, dls, b, h, q0, BQ, nq, D, tid, NT, code)
                 cuda.syncthreads()
-                for x in range(S_N):
-                    s[x] = 0.0
-                    dp[x] = 0.0
-                for d in range(D):
-                    for rr in range(RT):
-                        qv = Qs[ty * RT + rr, d]
-                        ov = dOs[ty * RT + rr, d]
-                        for kk in range(KT):
-                            s[rr * KT + kk] += qv * Ks[tx + 8 * kk, d]
-                            dp[rr * KT + kk] += ov * Vs[tx + 8 * kk, d]
+                _probs_and_ds(Qs, dOs, Ks, Vs, l2s, dls, s, dp, ty, tx, RT, KT, D, c, q0, k0, L, first,
+                              causal)
                 for rr in range(RT):
-                    r = ty * RT + rr
-                    i = q0 + r
-                    l2 = l2s[r]
                     for kk in range(KT):
-                        j = tx + 8 * kk
-                        t = k0 + j
-                        p = float32(0.0)
-                        if l2 > NEG_INF and t < L and (not causal or t <= first + i):
-                            p = math.exp2(c * s[rr * KT + kk] - l2)
-                        Ps[r, j] = p
-                        dSs[r, j] = p * (dp[rr * KT + kk] - dls[r])
+                        Ps[ty * RT + rr, tx + 8 * kk] = s[rr * KT + kk]
+                        dSs[ty * RT + rr, tx + 8 * kk] = dp[rr * KT + kk]
                 cuda.syncthreads()
                 for r in range(BQ):
                     for kr in range(KR):
@@ -243,7 +259,6 @@ def dq_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
     Q_N = RT * DT
     D1 = D + 1
     BK1 = BK + 1
-    NEG_INF = float32(-np.inf)
     OUT_F32 = code == F32
 
     @cuda.jit(cache=True)
@@ -270,16 +285,7 @@ def dq_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
         l2s = cuda.shared.array(BQ, float32)
         dls = cuda.shared.array(BQ, float32)
 
-        _load_tile(q, Qs, b, h, q0, BQ, nq, D, tid, NT, code)
-        _load_tile(dout, dOs, b, h, q0, BQ, nq, D, tid, NT, code)
-        for r in range(tid, BQ, NT):
-            l2 = NEG_INF
-            dl = float32(0.0)
-            if r < nq:
-                l2 = lse2[b, h, q0 + r]
-                dl = delta[b, h, q0 + r]
-            l2s[r] = l2
-            dls[r] = dl
+        _load_rows(q, dout, lse2, delta, Qs, dOs, l2s, dls, b, h, q0, BQ, nq, D, tid, NT, code)
         c = float32(scale * LOG2E)
         s = cuda.local.array(S_N, float32)
         dp = cuda.local.array(S_N, float32)
@@ -294,27 +300,11 @@ def dq_kernel(D: int, code: int, BQ: int, BK: int, TY: int):
             cuda.syncthreads()  # q / dout ready; the previous K, V, dS consumed
             _load_kv(k, v, Ks, Vs, table, b, kvh, bs, k0, BK, kmax, D, tid, NT, code)
             cuda.syncthreads()
-            for x in range(S_N):
-                s[x] = 0.0
-                dp[x] = 0.0
-            for d in range(D):
-                for rr in range(RT):
-                    qv = Qs[ty * RT + rr, d]
-                    ov = dOs[ty * RT + rr, d]
-                    for kk in range(KT):
-                        s[rr * KT + kk] += qv * Ks[tx + 8 * kk, d]
-                        dp[rr * KT + kk] += ov * Vs[tx + 8 * kk, d]
+            _probs_and_ds(Qs, dOs, Ks, Vs, l2s, dls, s, dp, ty, tx, RT, KT, D, c, q0, k0, kmax, first,
+                          causal)
             for rr in range(RT):
-                r = ty * RT + rr
-                i = q0 + r
-                l2 = l2s[r]
                 for kk in range(KT):
-                    j = tx + 8 * kk
-                    t = k0 + j
-                    ds = float32(0.0)
-                    if l2 > NEG_INF and t < kmax and (not causal or t <= first + i):
-                        ds = math.exp2(c * s[rr * KT + kk] - l2) * (dp[rr * KT + kk] - dls[r])
-                    dSs[r, j] = ds
+                    dSs[ty * RT + rr, tx + 8 * kk] = dp[rr * KT + kk]
             cuda.syncthreads()
             for j in range(BK):
                 for rr in range(RT):
