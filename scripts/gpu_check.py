@@ -2,13 +2,14 @@
 forward benchmark. Everything it writes lands in ``--out`` (default ``$OUT``, else ``./gpu_out``):
 
     versions.txt          numpy, numba, numba-cuda, torch, GPU, driver, the cuda runtime's device
-    gpu_tests.log         python -m pytest tests -q --runxfail -p no:cacheprovider -k cuda
+    gpu_tests_<i>.log     python -m pytest <group i of the test modules> -q --runxfail -p no:cacheprovider
+                          -k "cuda and not compile", --jobs groups in parallel (default 3)
     gpu_forward.log       python benchmarks/gpu_forward.py (streamed here too)
     gpu_forward_table.md  the benchmark's final table (printed last)
     gpu_forward.md        a copy of benchmarks/results/gpu_forward.md after the run
     summary.txt           one line per stage
 
-    python scripts/gpu_check.py [--out DIR] [--skip-tests] [--skip-bench] [--quick] [--budget S]
+    python scripts/gpu_check.py [--out DIR] [--skip-tests] [--skip-bench] [--quick] [--budget S] [--jobs N]
 
 Run from anywhere; it works in the repository root and puts it on PYTHONPATH for the children.
 When the machine's NumPy is too new for numba-cuda (2.5 breaks 0.30.4 at the first kernel
@@ -35,7 +36,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = time.monotonic()
 SITE = "/tmp/site"
-TEST_CMD = ["-m", "pytest", "tests", "-q", "--runxfail", "-p", "no:cacheprovider", "-k", "cuda"]
+# The compile check (test_cuda_compile) runs in CI without a GPU; here only the cuda-runtime cases.
+TEST_ARGS = ["-q", "--runxfail", "-p", "no:cacheprovider", "-k", "cuda and not compile"]
+# Rough cost of each test module's cuda cases (compiles + runs), for splitting them over processes.
+TEST_WEIGHT = {"test_forward.py": 3, "test_backward.py": 3, "test_fp8.py": 3, "test_tiny_grid.py": 2,
+               "test_kv_cache.py": 2, "test_write_kv.py": 1}
 BENCH_RESERVE = {False: 240.0, True: 150.0}   # seconds kept for the benchmark (quick: True)
 
 PROBE = r"""
@@ -191,6 +196,21 @@ def test_summary(log_path) -> str:
     return lines[-1] if lines else "empty log"
 
 
+def test_groups(jobs: int) -> list:
+    """The test modules split into ``jobs`` groups of about equal weight (heaviest first, each to the
+    lightest group)."""
+    files = sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
+    files = [f for f in files if os.path.basename(f) != "test_cuda_compile.py"]
+    files.sort(key=lambda f: -TEST_WEIGHT.get(os.path.basename(f), 1))
+    groups = [[] for _ in range(max(1, min(jobs, len(files))))]
+    load = [0] * len(groups)
+    for f in files:
+        i = load.index(min(load))
+        groups[i].append(os.path.relpath(f, ROOT))
+        load[i] += TEST_WEIGHT.get(os.path.basename(f), 1)
+    return groups
+
+
 def tail(path, n):
     try:
         with open(path, errors="replace") as f:
@@ -206,6 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bench", action="store_true", help="do not run benchmarks/gpu_forward.py")
     ap.add_argument("--quick", action="store_true", help="benchmark with fewer repetitions")
     ap.add_argument("--budget", type=float, default=530.0, help="seconds for the whole run (default 530)")
+    ap.add_argument("--jobs", type=int, default=3, help="parallel pytest processes for the tests (default 3)")
     ap.add_argument("--no-numpy-fix", action="store_true", help="never install the NumPy wheel from .whl/")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
@@ -227,23 +248,38 @@ def main(argv=None) -> int:
     else:
         reserve = 0.0 if args.skip_bench else BENCH_RESERVE[args.quick]
         timeout = max(60.0, deadline - time.monotonic() - reserve)
-        log_path = os.path.join(out, "gpu_tests.log")
-        log(f"tests: {' '.join(['python'] + TEST_CMD)} (timeout {timeout:.0f} s) -> {log_path}")
-        rc, secs = run([sys.executable] + TEST_CMD, log_path, timeout, env)
-        line = test_summary(log_path)
-        if rc is None:
-            status = f"TIMED OUT after {secs:.0f} s ({line})"
-        elif rc == 5:
-            status = f"NO CUDA TESTS COLLECTED (pytest rc 5: the cuda runtime is not in the fixture) ({line})"
-        elif rc != 0:
-            status = f"FAILED (pytest rc {rc}): {line}"
-        else:
-            status = f"ok: {line}"
-        tests_failed = rc != 0
-        log(f"tests {status} [{secs:.0f} s]")
-        if tests_failed:
-            print(tail(log_path, 60), flush=True)
-        summary.append(f"tests: {status}")
+        groups = test_groups(args.jobs)
+        results = [None] * len(groups)
+
+        def run_group(i):
+            log_path = os.path.join(out, f"gpu_tests_{i}.log")
+            results[i] = run([sys.executable, "-m", "pytest", *groups[i], *TEST_ARGS], log_path, timeout, env)
+
+        log(f"tests: {len(groups)} parallel pytest processes {TEST_ARGS} (timeout {timeout:.0f} s) over "
+            + "; ".join(" ".join(os.path.basename(f) for f in g) for g in groups))
+        threads = [threading.Thread(target=run_group, args=(i,)) for i in range(len(groups))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = []
+        for i, (rc, secs) in enumerate(results):
+            log_path = os.path.join(out, f"gpu_tests_{i}.log")
+            line = test_summary(log_path)
+            if rc is None:
+                status = f"TIMED OUT after {secs:.0f} s ({line})"
+            elif rc == 5:
+                status = f"NO CUDA TESTS COLLECTED (pytest rc 5: the cuda runtime is not in the fixture) ({line})"
+            elif rc != 0:
+                status = f"FAILED (pytest rc {rc}): {line}"
+            else:
+                status = f"ok: {line}"
+            if rc != 0:
+                tests_failed = True
+                print(tail(log_path, 60), flush=True)
+            log(f"tests [{i}] {status} [{secs:.0f} s]")
+            statuses.append(f"tests [{i}] {' '.join(os.path.basename(f) for f in groups[i])}: {status}")
+        summary += statuses
 
     bench_failed = False
     if args.skip_bench:
