@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .paged_attention import FASTMATH, LOG2E, accumulate, exp2_shifted, load_row, scores
+from .paged_attention import FASTMATH, LOG2E, accumulate, exp2_shifted, load_row, matmul, prefer_512, scores
 
 _QCHUNK = 64  # query rows per pass over a block in bwd_dkdv
 
@@ -79,18 +79,25 @@ def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab
     G = H // Hkv
     c = np.float32(scale * LOG2E)
     n_used = blocks.shape[0]
+    # The GEMM path (512-bit microkernels) needs keys and dims in whole 16-float vectors.
+    gemm = bs % 16 == 0 and D % 16 == 0
     for item in prange(Hkv * n_used):
+        prefer_512()
         kvh = item // n_used
         n = blocks[item % n_used]
         # Slots that some reader reads: decode those only (unused slots may hold NaN).
         nread = 0
         for x in range(rd_start[item % n_used], rd_start[item % n_used + 1]):
             nread = max(nread, min(bs, seq_lens[rd_b[x]] - rd_lb[x] * bs))
-        Kb = np.empty((bs, D), np.float32)
-        Vb = np.empty((bs, D), np.float32)
+        Kb = np.zeros((bs, D), np.float32)
+        Vb = np.zeros((bs, D), np.float32)
         for j in range(nread):
             load_row(k[n, j, kvh], D, Kb[j], kv_code, kvtab)
             load_row(v[n, j, kvh], D, Vb[j], kv_code, kvtab)
+        if gemm:
+            _dkdv_block_gemm(qf, dof, Kb, Vb, delta, lse2, seq_lens, causal, c, rd_start[item % n_used],
+                             rd_start[item % n_used + 1], rd_b, rd_lb, kvh, G, n, nread, scale, dk, dv)
+            continue
         dKa = np.zeros((bs, D), np.float32)
         dVa = np.zeros((bs, D), np.float32)
         S = np.empty((_QCHUNK, bs), np.float32)
@@ -130,6 +137,65 @@ def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
+def _dkdv_block_gemm(qf, dof, Kb, Vb, delta, lse2, seq_lens, causal, c, x0, x1, rd_b, rd_lb, kvh, G, n,
+                     nread, scale, dk, dv):
+    """dK / dV of one (KV head, physical block) as GEMMs: per reader and chunk of query rows,
+    S = Q_c @ K^T and dP = dO_c @ V^T [rows, bs], then P / dS in place, dV += P^T @ dO_c and
+    dK += dS^T @ Q_c [bs, D]. bs and D are multiples of 16; K / V rows past ``nread`` are zero."""
+    B, H, Sq, D = qf.shape
+    bs = Kb.shape[0]
+    KbT = np.empty(D * bs, np.float32)   # [D, bs]
+    VbT = np.empty(D * bs, np.float32)
+    for j in range(bs):
+        for d in range(D):
+            KbT[d * bs + j] = Kb[j, d]
+            VbT[d * bs + j] = Vb[j, d]
+    Qp = np.zeros(_QCHUNK * D, np.float32)   # the chunk's rows, padded to a multiple of 4 with zeros
+    dOp = np.zeros(_QCHUNK * D, np.float32)
+    Sf = np.empty(_QCHUNK * bs, np.float32)
+    dPf = np.empty(_QCHUNK * bs, np.float32)
+    S = Sf.reshape((_QCHUNK, bs))
+    dP = dPf.reshape((_QCHUNK, bs))
+    dKf = np.zeros(bs * D, np.float32)
+    dVf = np.zeros(bs * D, np.float32)
+    ebits = np.empty(bs, np.int32)
+    for x in range(x0, x1):
+        b = rd_b[x]
+        L = seq_lens[b]
+        t0 = rd_lb[x] * bs
+        nj = min(bs, L - t0)
+        i0 = max(0, t0 - L + Sq) if causal else 0
+        for g in range(G):
+            h = kvh * G + g
+            for c0 in range(i0, Sq, _QCHUNK):
+                nr = min(_QCHUNK, Sq - c0)
+                nr4 = (nr + 3) // 4 * 4
+                for r in range(nr):
+                    for d in range(D):
+                        Qp[r * D + d] = qf[b, h, c0 + r, d]
+                        dOp[r * D + d] = dof[b, h, c0 + r, d]
+                for x2 in range(nr * D, nr4 * D):
+                    Qp[x2] = 0.0
+                    dOp[x2] = 0.0
+                matmul(Qp, 0, D, 1, KbT, 0, bs, Sf, 0, bs, nr4, bs, D, False)
+                matmul(dOp, 0, D, 1, VbT, 0, bs, dPf, 0, bs, nr4, bs, D, False)
+                first = L - Sq + c0 + 1 - t0 if causal else nj
+                _probs_and_ds(S, dP, nr, nj, c, lse2[b, h, c0:c0 + nr], delta[b, h, c0:c0 + nr],
+                              first, 1 if causal else 0, ebits)
+                for r in range(nr):
+                    for j in range(nj, bs):   # keys past this reader's length: no contribution
+                        S[r, j] = 0.0
+                        dP[r, j] = 0.0
+                # dV[bs, D] += P^T @ dO_c; dK[bs, D] += dS^T @ Q_c (A read transposed: a_rs 1, a_ks bs)
+                matmul(Sf, 0, 1, bs, dOp, 0, D, dVf, 0, D, bs, D, nr, True)
+                matmul(dPf, 0, 1, bs, Qp, 0, D, dKf, 0, D, bs, D, nr, True)
+    for j in range(nread):
+        for d in range(D):
+            dk[n, j, kvh, d] = dKf[j * D + d] * scale
+            dv[n, j, kvh, d] = dVf[j * D + d]
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
 def accumulate_rows(acc, W, X, nj, nr):
     """``acc[j] += sum_r W[j, r] * X[r]`` for j < nj, r < nr."""
     for j in range(nj):
@@ -145,7 +211,9 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
     G = H // Hkv
     c = np.float32(scale * LOG2E)
     n_qt = (Sq + tq - 1) // tq
+    gemm = bs % 16 == 0 and D % 16 == 0   # the GEMM path: keys and dims in whole 16-float vectors
     for item in prange(B * Hkv * n_qt):
+        prefer_512()
         pair = item % n_qt
         qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
         b = item // n_qt // Hkv
@@ -167,6 +235,10 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
             l2[r] = lse2[b, h, i]
             dl[r] = delta[b, h, i]
         kmax = min(L, max(0, L - Sq + q0 + nq)) if causal else L
+        if gemm:
+            _dq_item_gemm(qf, dof, k, v, l2, dl, table, b, kvh, q0, nq, G, L, Sq, kmax, causal, c, scale,
+                          kv_code, kvtab, dq)
+            continue
         acc = np.zeros((R, D), np.float32)
         Kb = np.empty((bs, D), np.float32)
         Vb = np.empty((bs, D), np.float32)
@@ -194,3 +266,59 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
             i = q0 + r % nq
             for d in range(D):
                 dq[b, h, i, d] = acc[r, d] * scale
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _dq_item_gemm(qf, dof, k, v, l2, dl, table, b, kvh, q0, nq, G, L, Sq, kmax, causal, c, scale,
+                  kv_code, kvtab, dq):
+    """dQ of one (sequence, KV head, query tile) as GEMMs per paged block: S = Q @ K^T and
+    dP = dO @ V^T [R, bs], P / dS in place, dQ += dS @ K [R, D]. bs and D are multiples of 16."""
+    D = qf.shape[3]
+    bs = k.shape[1]
+    R = nq * G
+    R4 = (R + 3) // 4 * 4
+    Qp = np.zeros(R4 * D, np.float32)      # rows (GQA head g, query q0 + r % nq), zero padded
+    dOp = np.zeros(R4 * D, np.float32)
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        for d in range(D):
+            Qp[r * D + d] = qf[b, h, i, d]
+            dOp[r * D + d] = dof[b, h, i, d]
+    Kb = np.zeros((bs, D), np.float32)    # rows past a block's valid keys stay finite (dS is 0 there)
+    Vb = np.zeros((bs, D), np.float32)
+    KbT = np.zeros(D * bs, np.float32)
+    VbT = np.zeros(D * bs, np.float32)
+    Sf = np.empty(R4 * bs, np.float32)
+    dPf = np.empty(R4 * bs, np.float32)
+    S = Sf.reshape((R4, bs))
+    dP = dPf.reshape((R4, bs))
+    acc = np.zeros(R4 * D, np.float32)
+    ebits = np.empty(bs, np.int32)
+    Kf = Kb.reshape(bs * D)
+    for lb in range((kmax + bs - 1) // bs):
+        phys = table[b, lb]
+        t0 = lb * bs
+        nj = min(bs, kmax - t0)
+        for j in range(nj):
+            load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
+            load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
+            for d in range(D):
+                KbT[d * bs + j] = Kb[j, d]
+                VbT[d * bs + j] = Vb[j, d]
+        matmul(Qp, 0, D, 1, KbT, 0, bs, Sf, 0, bs, R4, bs, D, False)
+        matmul(dOp, 0, D, 1, VbT, 0, bs, dPf, 0, bs, R4, bs, D, False)
+        for g in range(G):
+            lo = g * nq
+            first = L - Sq + q0 + 1 - t0 if causal else nj
+            _probs_and_ds(S[lo:lo + nq], dP[lo:lo + nq], nq, nj, c, l2[lo:lo + nq], dl[lo:lo + nq],
+                          first, 1 if causal else 0, ebits)
+        for r in range(R):
+            for j in range(nj, bs):
+                dP[r, j] = 0.0
+        matmul(dPf, 0, bs, 1, Kf, 0, D, acc, 0, D, R4, D, bs, True)
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        for d in range(D):
+            dq[b, h, i, d] = acc[r * D + d] * scale
