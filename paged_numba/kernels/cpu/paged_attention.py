@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ...dtypes import BF16, E4M3, E5M2, F32
+from ...dtypes import BF16, E4M3, E5M2, F16, F32
 
 # fastmath without nnan/ninf: -inf must stay -inf (SPEC: lse = -inf for empty rows).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -51,7 +51,8 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def load_row(src, n, dst, code, tab):
     """float32 values of the first ``n`` storage elements of 1-D ``src`` into ``dst``: F32 copies,
-    BF16 shifts the bits into place, FP8 decodes arithmetically, F16 looks the bits up in ``tab``."""
+    BF16 shifts the bits into place, F16 and FP8 convert through IEEE half (vcvtph2ps); ``tab``
+    (a decode table) serves any other code."""
     if code == F32:
         for i in range(n):
             dst[i] = src[i]
@@ -59,6 +60,9 @@ def load_row(src, n, dst, code, tab):
         bits = dst.view(np.uint32)
         for i in range(n):
             bits[i] = np.uint32(src[i]) << np.uint32(16)
+    elif code == F16:
+        for i in range(n):
+            dst[i] = half_to_f32(np.uint16(src[i]))
     elif code == E4M3:  # constant format argument: the branch inside fp8_value folds away
         for i in range(n):
             dst[i] = fp8_value(np.uint32(src[i]), E4M3)
@@ -70,23 +74,26 @@ def load_row(src, n, dst, code, tab):
             dst[i] = tab[np.intp(src[i])]
 
 
+@intrinsic
+def half_to_f32(typingctx, h):
+    """float32 of the IEEE half whose bits are the uint16 ``h`` (vectorizes to vcvtph2ps)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def fp8_value(c, code):
-    """float32 of the FP8 code ``c`` (uint32), branch-free so loops vectorize and without
-    subnormal float arithmetic (x86 microcode assists): normals rebias the exponent in the
-    integer bits, subnormals are (mantissa) * 2**(1 - bias - mbits); E4M3 S.1111.111 is NaN, E5M2
-    exponent 11111 is inf / NaN."""
-    em = c & np.uint32(0x7F)
-    sign = (c & np.uint32(0x80)) << np.uint32(24)
-    sgn = np.float32(1.0) - np.float32(2.0) * np.float32(c >> np.uint32(7))
+    """float32 of the FP8 code ``c`` (uint32) through IEEE half, branch-free so loops vectorize.
+    E5M2 is the top byte of a half. E4M3's bits moved into half position give a half 2**8 too
+    small (exact for subnormals too, which become normal halves); S.1111.111 (E4M3's only NaN)
+    gets the half exponent 11111 added, so it stays a NaN with its sign."""
     if code == E4M3:
-        normal = as_float32(np.int32(((em << np.uint32(20)) + np.uint32(120 << 23)) | sign))
-        x = np.float32(em) * np.float32(2.0 ** -9) * sgn if em < np.uint32(8) else normal
-        return x if em != np.uint32(0x7F) else np.float32(np.nan)
-    normal = as_float32(np.int32(((em << np.uint32(21)) + np.uint32(112 << 23)) | sign))
-    special = as_float32(np.int32(np.uint32(0x7F800000) | ((em & np.uint32(3)) << np.uint32(21)) | sign))
-    x = np.float32(em) * np.float32(2.0 ** -16) * sgn if em < np.uint32(4) else normal
-    return special if (em & np.uint32(0x7C)) == np.uint32(0x7C) else x
+        em = c & np.uint32(0x7F)
+        nan = (em + np.uint32(1)) >> np.uint32(7)   # 1 only for em == 0x7F
+        h = ((c & np.uint32(0x80)) << np.uint32(8)) | (em << np.uint32(7)) | (nan * np.uint32(0x7C00))
+        return half_to_f32(np.uint16(h)) * np.float32(256.0)
+    return half_to_f32(np.uint16(c << np.uint32(8)))
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -274,6 +281,9 @@ def load_tok(src, p, s, h, n, dst, dbits, off, code, tab):
     elif code == BF16:
         for i in range(n):
             dbits[off + i] = np.uint32(src[p, s, h, i]) << np.uint32(16)
+    elif code == F16:
+        for i in range(n):
+            dst[off + i] = half_to_f32(np.uint16(src[p, s, h, i]))
     elif code == E4M3:
         for i in range(n):
             dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E4M3)
