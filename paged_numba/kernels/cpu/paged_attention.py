@@ -5,8 +5,9 @@ N physical blocks, bs block_size, M max blocks per sequence.
 
 Arguments (storage dtypes, C-contiguous, validated by ``ops/config.py``):
 
-- ``q``        [B, H, Sq, D]  float32, or uint16 / uint8 bits decoded through ``qtab``
-- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits decoded through ``kvtab``
+- ``q``        [B, H, Sq, D]  float32, or uint16 / uint8 bits decoded in the kernel (``load_row``;
+  ``qtab`` is a decode table for any other code)
+- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits decoded in the kernel (``kvtab``)
 - ``table``    int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``;
   only entries with ``t < seq_lens[b]`` are read
 - ``seq_lens`` int32 [B]
