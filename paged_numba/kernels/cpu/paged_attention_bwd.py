@@ -72,14 +72,18 @@ def _probs_and_ds(S, dP, n_rows, nj, c, lse2_rows, delta_rows, first_vis, step_v
 def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab,
              blocks, rd_start, rd_b, rd_lb, dk, dv):
     """dk, dv float32 [N, bs, Hkv, D] (zero on entry). ``blocks`` lists the physical blocks in use;
-    the readers of ``blocks[u]`` are ``(rd_b[x], rd_lb[x])`` for x in ``rd_start[u]:rd_start[u+1]``."""
+    the readers of ``blocks[u]`` are ``(rd_b[x], rd_lb[x])`` for x in ``rd_start[u]:rd_start[u+1]``.
+
+    Per reader and chunk of query rows: S = Q_c K^T and dP = dO_c V^T [rows, bs], P / dS in place,
+    then dV += P^T dO_c and dK += dS^T Q_c [bs, D]. With bs and D multiples of 16 the four products
+    are GEMMs on the 512-bit microkernels (K / V transposed once per block, the chunk's rows copied
+    into zero-padded scratch); otherwise dot-product loops."""
     B, H, Sq, D = qf.shape
     bs = k.shape[1]
     Hkv = k.shape[2]
     G = H // Hkv
     c = np.float32(scale * LOG2E)
     n_used = blocks.shape[0]
-    # The GEMM path (512-bit microkernels) needs keys and dims in whole 16-float vectors.
     gemm = bs % 16 == 0 and D % 16 == 0
     for item in prange(Hkv * n_used):
         prefer_512()
@@ -94,14 +98,23 @@ def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab
         for j in range(nread):
             load_row(k[n, j, kvh], D, Kb[j], kv_code, kvtab)
             load_row(v[n, j, kvh], D, Vb[j], kv_code, kvtab)
+        KbT = np.empty(D * bs, np.float32)   # [D, bs] for the GEMM path
+        VbT = np.empty(D * bs, np.float32)
         if gemm:
-            _dkdv_block_gemm(qf, dof, Kb, Vb, delta, lse2, seq_lens, causal, c, rd_start[item % n_used],
-                             rd_start[item % n_used + 1], rd_b, rd_lb, kvh, G, n, nread, scale, dk, dv)
-            continue
-        dKa = np.zeros((bs, D), np.float32)
-        dVa = np.zeros((bs, D), np.float32)
-        S = np.empty((_QCHUNK, bs), np.float32)
-        dP = np.empty((_QCHUNK, bs), np.float32)
+            for j in range(bs):
+                for d in range(D):
+                    KbT[d * bs + j] = Kb[j, d]
+                    VbT[d * bs + j] = Vb[j, d]
+        Qp = np.zeros(_QCHUNK * D, np.float32)
+        dOp = np.zeros(_QCHUNK * D, np.float32)
+        Sf = np.empty(_QCHUNK * bs, np.float32)
+        dPf = np.empty(_QCHUNK * bs, np.float32)
+        S = Sf.reshape((_QCHUNK, bs))
+        dP = dPf.reshape((_QCHUNK, bs))
+        dKf = np.zeros(bs * D, np.float32)
+        dVf = np.zeros(bs * D, np.float32)
+        dKa = dKf.reshape((bs, D))
+        dVa = dVf.reshape((bs, D))
         PT = np.empty((bs, _QCHUNK), np.float32)
         ebits = np.empty(bs, np.int32)
         for x in range(rd_start[item % n_used], rd_start[item % n_used + 1]):
@@ -117,82 +130,44 @@ def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab
                     nr = min(_QCHUNK, Sq - c0)
                     Qc = qf[b, h, c0:c0 + nr]
                     dOc = dof[b, h, c0:c0 + nr]
-                    scores(Qc, Kb, nj, S)
-                    scores(dOc, Vb, nj, dP)
+                    if gemm:
+                        nr4 = (nr + 3) // 4 * 4
+                        for r in range(nr):
+                            for d in range(D):
+                                Qp[r * D + d] = Qc[r, d]
+                                dOp[r * D + d] = dOc[r, d]
+                        for x2 in range(nr * D, nr4 * D):
+                            Qp[x2] = 0.0
+                            dOp[x2] = 0.0
+                        matmul(Qp, 0, D, 1, KbT, 0, bs, Sf, 0, bs, nr4, bs, D, False)
+                        matmul(dOp, 0, D, 1, VbT, 0, bs, dPf, 0, bs, nr4, bs, D, False)
+                    else:
+                        scores(Qc, Kb, nj, S)
+                        scores(dOc, Vb, nj, dP)
                     first = L - Sq + c0 + 1 - t0 if causal else nj
                     _probs_and_ds(S, dP, nr, nj, c, lse2[b, h, c0:c0 + nr], delta[b, h, c0:c0 + nr],
                                   first, 1 if causal else 0, ebits)
-                    for j in range(nj):
+                    if gemm:
                         for r in range(nr):
-                            PT[j, r] = S[r, j]
-                    accumulate_rows(dVa, PT, dOc, nj, nr)
-                    for j in range(nj):
-                        for r in range(nr):
-                            PT[j, r] = dP[r, j]
-                    accumulate_rows(dKa, PT, Qc, nj, nr)
+                            for j in range(nj, bs):   # keys past this reader's length add nothing
+                                S[r, j] = 0.0
+                                dP[r, j] = 0.0
+                        # A read transposed (a_rs 1, a_ks bs): P^T and dS^T.
+                        matmul(Sf, 0, 1, bs, dOp, 0, D, dVf, 0, D, bs, D, nr, True)
+                        matmul(dPf, 0, 1, bs, Qp, 0, D, dKf, 0, D, bs, D, nr, True)
+                    else:
+                        for j in range(nj):
+                            for r in range(nr):
+                                PT[j, r] = S[r, j]
+                        accumulate_rows(dVa, PT, dOc, nj, nr)
+                        for j in range(nj):
+                            for r in range(nr):
+                                PT[j, r] = dP[r, j]
+                        accumulate_rows(dKa, PT, Qc, nj, nr)
         for j in range(nread):
             for d in range(D):
                 dk[n, j, kvh, d] = dKa[j, d] * scale
                 dv[n, j, kvh, d] = dVa[j, d]
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _dkdv_block_gemm(qf, dof, Kb, Vb, delta, lse2, seq_lens, causal, c, x0, x1, rd_b, rd_lb, kvh, G, n,
-                     nread, scale, dk, dv):
-    """dK / dV of one (KV head, physical block) as GEMMs: per reader and chunk of query rows,
-    S = Q_c @ K^T and dP = dO_c @ V^T [rows, bs], then P / dS in place, dV += P^T @ dO_c and
-    dK += dS^T @ Q_c [bs, D]. bs and D are multiples of 16; K / V rows past ``nread`` are zero."""
-    B, H, Sq, D = qf.shape
-    bs = Kb.shape[0]
-    KbT = np.empty(D * bs, np.float32)   # [D, bs]
-    VbT = np.empty(D * bs, np.float32)
-    for j in range(bs):
-        for d in range(D):
-            KbT[d * bs + j] = Kb[j, d]
-            VbT[d * bs + j] = Vb[j, d]
-    Qp = np.zeros(_QCHUNK * D, np.float32)   # the chunk's rows, padded to a multiple of 4 with zeros
-    dOp = np.zeros(_QCHUNK * D, np.float32)
-    Sf = np.empty(_QCHUNK * bs, np.float32)
-    dPf = np.empty(_QCHUNK * bs, np.float32)
-    S = Sf.reshape((_QCHUNK, bs))
-    dP = dPf.reshape((_QCHUNK, bs))
-    dKf = np.zeros(bs * D, np.float32)
-    dVf = np.zeros(bs * D, np.float32)
-    ebits = np.empty(bs, np.int32)
-    for x in range(x0, x1):
-        b = rd_b[x]
-        L = seq_lens[b]
-        t0 = rd_lb[x] * bs
-        nj = min(bs, L - t0)
-        i0 = max(0, t0 - L + Sq) if causal else 0
-        for g in range(G):
-            h = kvh * G + g
-            for c0 in range(i0, Sq, _QCHUNK):
-                nr = min(_QCHUNK, Sq - c0)
-                nr4 = (nr + 3) // 4 * 4
-                for r in range(nr):
-                    for d in range(D):
-                        Qp[r * D + d] = qf[b, h, c0 + r, d]
-                        dOp[r * D + d] = dof[b, h, c0 + r, d]
-                for x2 in range(nr * D, nr4 * D):
-                    Qp[x2] = 0.0
-                    dOp[x2] = 0.0
-                matmul(Qp, 0, D, 1, KbT, 0, bs, Sf, 0, bs, nr4, bs, D, False)
-                matmul(dOp, 0, D, 1, VbT, 0, bs, dPf, 0, bs, nr4, bs, D, False)
-                first = L - Sq + c0 + 1 - t0 if causal else nj
-                _probs_and_ds(S, dP, nr, nj, c, lse2[b, h, c0:c0 + nr], delta[b, h, c0:c0 + nr],
-                              first, 1 if causal else 0, ebits)
-                for r in range(nr):
-                    for j in range(nj, bs):   # keys past this reader's length: no contribution
-                        S[r, j] = 0.0
-                        dP[r, j] = 0.0
-                # dV[bs, D] += P^T @ dO_c; dK[bs, D] += dS^T @ Q_c (A read transposed: a_rs 1, a_ks bs)
-                matmul(Sf, 0, 1, bs, dOp, 0, D, dVf, 0, D, bs, D, nr, True)
-                matmul(dPf, 0, 1, bs, Qp, 0, D, dKf, 0, D, bs, D, nr, True)
-    for j in range(nread):
-        for d in range(D):
-            dk[n, j, kvh, d] = dKf[j * D + d] * scale
-            dv[n, j, kvh, d] = dVf[j * D + d]
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
