@@ -179,14 +179,18 @@ def accumulate_rows(acc, W, X, nj, nr):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_code, kvtab, dq):
-    """dq float32 [B, H, Sq, D] (written, every element)."""
+    """dq float32 [B, H, Sq, D] (written, every element). Per work item (sequence, KV head, query
+    tile; rows (GQA head g, query q0 + r % nq)) and paged block: S = Q K^T and dP = dO V^T
+    [rows, bs], P / dS in place, dQ += dS K. With bs and D multiples of 16 the three products are
+    GEMMs on the 512-bit microkernels (rows padded to a multiple of 4 with zeros); otherwise
+    dot-product loops."""
     B, H, Sq, D = qf.shape
     bs = k.shape[1]
     Hkv = k.shape[2]
     G = H // Hkv
     c = np.float32(scale * LOG2E)
     n_qt = (Sq + tq - 1) // tq
-    gemm = bs % 16 == 0 and D % 16 == 0   # the GEMM path: keys and dims in whole 16-float vectors
+    gemm = bs % 16 == 0 and D % 16 == 0   # keys and dims in whole 16-float vectors
     for item in prange(B * Hkv * n_qt):
         prefer_512()
         pair = item % n_qt
@@ -197,8 +201,11 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
         q0 = qt * tq
         nq = min(Sq, q0 + tq) - q0
         R = nq * G
-        Qs = np.empty((R, D), np.float32)
-        dOs = np.empty((R, D), np.float32)
+        R4 = (R + 3) // 4 * 4
+        Qf = np.zeros(R4 * D, np.float32)
+        dOf = np.zeros(R4 * D, np.float32)
+        Qs = Qf.reshape((R4, D))
+        dOs = dOf.reshape((R4, D))
         l2 = np.empty(R, np.float32)
         dl = np.empty(R, np.float32)
         for r in range(R):
@@ -210,15 +217,17 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
             l2[r] = lse2[b, h, i]
             dl[r] = delta[b, h, i]
         kmax = min(L, max(0, L - Sq + q0 + nq)) if causal else L
-        if gemm:
-            _dq_item_gemm(qf, dof, k, v, l2, dl, table, b, kvh, q0, nq, G, L, Sq, kmax, causal, c, scale,
-                          kv_code, kvtab, dq)
-            continue
-        acc = np.zeros((R, D), np.float32)
-        Kb = np.empty((bs, D), np.float32)
-        Vb = np.empty((bs, D), np.float32)
-        S = np.empty((R, bs), np.float32)
-        dP = np.empty((R, bs), np.float32)
+        accf = np.zeros(R4 * D, np.float32)
+        acc = accf.reshape((R4, D))
+        Kb = np.zeros((bs, D), np.float32)   # rows past a block's valid keys stay finite (dS is 0 there)
+        Vb = np.zeros((bs, D), np.float32)
+        Kf = Kb.reshape(bs * D)
+        KbT = np.zeros(D * bs, np.float32)   # [D, bs] for the GEMM path
+        VbT = np.zeros(D * bs, np.float32)
+        Sf = np.empty(R4 * bs, np.float32)
+        dPf = np.empty(R4 * bs, np.float32)
+        S = Sf.reshape((R4, bs))
+        dP = dPf.reshape((R4, bs))
         ebits = np.empty(bs, np.int32)
         for lb in range((kmax + bs - 1) // bs):
             phys = table[b, lb]
@@ -227,73 +236,31 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
             for j in range(nj):
                 load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
                 load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
-            scores(Qs, Kb, nj, S)
-            scores(dOs, Vb, nj, dP)
+            if gemm:
+                for j in range(nj):
+                    for d in range(D):
+                        KbT[d * bs + j] = Kb[j, d]
+                        VbT[d * bs + j] = Vb[j, d]
+                matmul(Qf, 0, D, 1, KbT, 0, bs, Sf, 0, bs, R4, bs, D, False)
+                matmul(dOf, 0, D, 1, VbT, 0, bs, dPf, 0, bs, R4, bs, D, False)
+            else:
+                scores(Qs, Kb, nj, S)
+                scores(dOs, Vb, nj, dP)
             for g in range(G):
                 lo = g * nq
                 first = L - Sq + q0 + 1 - t0 if causal else nj
                 _probs_and_ds(S[lo:lo + nq], dP[lo:lo + nq], nq, nj, c, l2[lo:lo + nq], dl[lo:lo + nq],
                               first, 1 if causal else 0, ebits)
-            for r in range(R):
-                accumulate(acc, r, dP[r], Kb, nj)
+            if gemm:
+                for r in range(R):
+                    for j in range(nj, bs):   # keys past kmax in this block add nothing
+                        dP[r, j] = 0.0
+                matmul(dPf, 0, bs, 1, Kf, 0, D, accf, 0, D, R4, D, bs, True)
+            else:
+                for r in range(R):
+                    accumulate(acc, r, dP[r], Kb, nj)
         for r in range(R):
             h = kvh * G + r // nq
             i = q0 + r % nq
             for d in range(D):
                 dq[b, h, i, d] = acc[r, d] * scale
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _dq_item_gemm(qf, dof, k, v, l2, dl, table, b, kvh, q0, nq, G, L, Sq, kmax, causal, c, scale,
-                  kv_code, kvtab, dq):
-    """dQ of one (sequence, KV head, query tile) as GEMMs per paged block: S = Q @ K^T and
-    dP = dO @ V^T [R, bs], P / dS in place, dQ += dS @ K [R, D]. bs and D are multiples of 16."""
-    D = qf.shape[3]
-    bs = k.shape[1]
-    R = nq * G
-    R4 = (R + 3) // 4 * 4
-    Qp = np.zeros(R4 * D, np.float32)      # rows (GQA head g, query q0 + r % nq), zero padded
-    dOp = np.zeros(R4 * D, np.float32)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        for d in range(D):
-            Qp[r * D + d] = qf[b, h, i, d]
-            dOp[r * D + d] = dof[b, h, i, d]
-    Kb = np.zeros((bs, D), np.float32)    # rows past a block's valid keys stay finite (dS is 0 there)
-    Vb = np.zeros((bs, D), np.float32)
-    KbT = np.zeros(D * bs, np.float32)
-    VbT = np.zeros(D * bs, np.float32)
-    Sf = np.empty(R4 * bs, np.float32)
-    dPf = np.empty(R4 * bs, np.float32)
-    S = Sf.reshape((R4, bs))
-    dP = dPf.reshape((R4, bs))
-    acc = np.zeros(R4 * D, np.float32)
-    ebits = np.empty(bs, np.int32)
-    Kf = Kb.reshape(bs * D)
-    for lb in range((kmax + bs - 1) // bs):
-        phys = table[b, lb]
-        t0 = lb * bs
-        nj = min(bs, kmax - t0)
-        for j in range(nj):
-            load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
-            load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
-            for d in range(D):
-                KbT[d * bs + j] = Kb[j, d]
-                VbT[d * bs + j] = Vb[j, d]
-        matmul(Qp, 0, D, 1, KbT, 0, bs, Sf, 0, bs, R4, bs, D, False)
-        matmul(dOp, 0, D, 1, VbT, 0, bs, dPf, 0, bs, R4, bs, D, False)
-        for g in range(G):
-            lo = g * nq
-            first = L - Sq + q0 + 1 - t0 if causal else nj
-            _probs_and_ds(S[lo:lo + nq], dP[lo:lo + nq], nq, nj, c, l2[lo:lo + nq], dl[lo:lo + nq],
-                          first, 1 if causal else 0, ebits)
-        for r in range(R):
-            for j in range(nj, bs):
-                dP[r, j] = 0.0
-        matmul(dPf, 0, bs, 1, Kf, 0, D, acc, 0, D, R4, D, bs, True)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        for d in range(D):
-            dq[b, h, i, d] = acc[r * D + d] * scale
