@@ -5,16 +5,11 @@ import os
 
 import numpy as np
 
-from ..dtypes import DType, decode_f32, decode_table, encode_f32
+from ..dtypes import decode_f32, encode_f32
 from .base import Client, Device, Runtime
 
 _TQ = 32  # queries per parallel work item (times G query heads)
 _TQ_FWD = 128  # forward: rows (GQA heads x queries) per parallel work item
-_NO_TABLE = np.zeros(1, np.float32)
-
-
-def _table(dt: DType) -> np.ndarray:
-    return decode_table(dt) if dt in (DType.F16, DType.FP8_E4M3, DType.FP8_E5M2) else _NO_TABLE
 
 
 class CpuClient(Client):
@@ -36,8 +31,7 @@ class CpuClient(Client):
         if out.size:
             paged_attention_fwd(q, k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape), cfg.block_table,
                                 cfg.seq_lens, qk_scale, out_scale, cfg.causal, _TQ_FWD,
-                                cfg.q_dtype.code, _table(cfg.q_dtype), cfg.kv_dtype.code,
-                                _table(cfg.kv_dtype), out, lse)
+                                cfg.q_dtype.code, cfg.kv_dtype.code, out, lse)
             check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
@@ -60,9 +54,9 @@ class CpuClient(Client):
             blocks, rd_start, rd_b, rd_lb = block_readers(cfg)
             if blocks.size:
                 bwd_dkdv(qf, dof, k4, v4, delta, lse2, cfg.seq_lens, cfg.scale, cfg.causal, kd.code,
-                         _table(kd), blocks, rd_start, rd_b, rd_lb, dk, dv)
+                         blocks, rd_start, rd_b, rd_lb, dk, dv)
             bwd_dq(qf, dof, k4, v4, delta, lse2, cfg.block_table, cfg.seq_lens, cfg.scale, cfg.causal,
-                   _TQ, kd.code, _table(kd), dq)
+                   _TQ, kd.code, dq)
         return (encode_f32(dq, qd), encode_f32(dk, kd).reshape(k.shape),
                 encode_f32(dv, kd).reshape(v.shape))
 

@@ -5,9 +5,8 @@ N physical blocks, bs block_size, M max blocks per sequence.
 
 Arguments (storage dtypes, C-contiguous, validated by ``ops/config.py``):
 
-- ``q``        [B, H, Sq, D]  float32, or uint16 / uint8 bits decoded in the kernel (``load_row``;
-  ``qtab`` is a decode table for any other code)
-- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits decoded in the kernel (``kvtab``)
+- ``q``        [B, H, Sq, D]  float32, or uint16 / uint8 bits decoded in the kernel (``load_row``)
+- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits decoded in the kernel
 - ``table``    int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``;
   only entries with ``t < seq_lens[b]`` are read
 - ``seq_lens`` int32 [B]
@@ -50,10 +49,9 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def load_row(src, n, dst, code, tab):
+def load_row(src, n, dst, code):
     """float32 values of the first ``n`` storage elements of 1-D ``src`` into ``dst``: F32 copies,
-    BF16 shifts the bits into place, F16 and FP8 convert through IEEE half (vcvtph2ps); ``tab``
-    (a decode table) serves any other code."""
+    BF16 shifts the bits into place, F16 and FP8 convert through IEEE half (vcvtph2ps)."""
     if code == F32:
         for i in range(n):
             dst[i] = src[i]
@@ -67,12 +65,9 @@ def load_row(src, n, dst, code, tab):
     elif code == E4M3:  # constant format argument: the branch inside fp8_value folds away
         for i in range(n):
             dst[i] = fp8_value(np.uint32(src[i]), E4M3)
-    elif code == E5M2:
-        for i in range(n):
-            dst[i] = fp8_value(np.uint32(src[i]), E5M2)
     else:
         for i in range(n):
-            dst[i] = tab[np.intp(src[i])]
+            dst[i] = fp8_value(np.uint32(src[i]), E5M2)
 
 
 @intrinsic
@@ -273,7 +268,7 @@ def matmul(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, M, N, K, accumula
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def load_tok(src, p, s, h, n, dst, dbits, off, code, tab):
+def load_tok(src, p, s, h, n, dst, dbits, off, code):
     """``dst[off:off + n]`` = float32 values of ``src[p, s, h, :n]`` (``dbits`` is ``dst`` viewed
     as uint32), indexing the 4-D pool directly: no array views per token."""
     if code == F32:
@@ -288,20 +283,17 @@ def load_tok(src, p, s, h, n, dst, dbits, off, code, tab):
     elif code == E4M3:
         for i in range(n):
             dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E4M3)
-    elif code == E5M2:
-        for i in range(n):
-            dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E5M2)
     else:
         for i in range(n):
-            dst[off + i] = tab[np.intp(src[p, s, h, i])]
+            dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E5M2)
 
 
 KT = 64  # keys per tile of the GEMM path
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code, qtab,
-              kv_code, kvtab, out, lse):
+def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
+              kv_code, out, lse):
     """One work item with R = G * nq >= 16 rows, as GEMMs on key tiles of KT tokens:
     St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
     vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]."""
@@ -318,7 +310,7 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
     minlim = L
     for r in range(R):
         i = q0 + r % nq
-        load_row(q[b, kvh * G + r // nq, i], D, row, q_code, qtab)
+        load_row(q[b, kvh * G + r // nq, i], D, row, q_code)
         for d in range(D):
             Qt[d * Rp + r] = row[d] * qscale
         lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
@@ -342,8 +334,8 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
         for j in range(nk):
             t = t0 + j
             phys = table[b, t // bs]
-            load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code, kvtab)
-            load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code, kvtab)
+            load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code)
+            load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code)
         nk4 = (nk + 3) // 4 * 4
         for x in range(nk * D, nk4 * D):
             Kf[x] = 0.0
@@ -420,8 +412,8 @@ def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code, qtab,
-             kv_code, kvtab, out, lse):
+def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
+             kv_code, out, lse):
     """One work item with few rows (decode): per paged block, row-by-key dot products."""
     H, D = q.shape[1], q.shape[3]
     bs = k.shape[1]
@@ -435,7 +427,7 @@ def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q
     kmax = 0
     for r in range(R):
         i = q0 + r % nq
-        load_row(q[b, kvh * G + r // nq, i], D, Qs[r], q_code, qtab)
+        load_row(q[b, kvh * G + r // nq, i], D, Qs[r], q_code)
         for d in range(D):
             Qs[r, d] *= qscale
         lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
@@ -449,8 +441,8 @@ def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q
         t0 = lb * bs
         nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
         for j in range(nj):
-            load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
-            load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
+            load_row(k[phys, j, kvh], D, Kb[j], kv_code)
+            load_row(v[phys, j, kvh], D, Vb[j], kv_code)
         scores(Qs, Kb, nj, S)
         for r in range(R):
             nvis = min(nj, lim[r] - t0)
@@ -483,11 +475,10 @@ ROWS_GEMM = 16  # work items with at least this many rows take the GEMM path
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq,
-                        q_code, qtab, kv_code, kvtab, out, lse):
+                        q_code, kv_code, out, lse):
     """The fused forward. ``qk_scale`` multiplies q . k (softmax scale times any dequantization
     scales of q and k); ``out_scale`` multiplies the normalized output (v's dequantization scale over
-    the output scale). ``q_code`` / ``kv_code`` are DType codes of the storage; ``qtab`` / ``kvtab``
-    their decode tables (F16, FP8). A row with non-finite scores (inf / NaN in q or k, or scale * q . k
+    the output scale). ``q_code`` / ``kv_code`` are DType codes of the storage. A row with non-finite scores (inf / NaN in q or k, or scale * q . k
     overflowing float32) gets ``lse = +inf``; the client raises."""
     B, H, Sq, D = q.shape
     Hkv = k.shape[2]
@@ -506,7 +497,7 @@ def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, t
         nq = min(Sq, q0 + tqq) - q0
         if nq * G >= ROWS_GEMM:
             tile_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                      q_code, qtab, kv_code, kvtab, out, lse)
+                      q_code, kv_code, out, lse)
         else:
             row_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                     q_code, qtab, kv_code, kvtab, out, lse)
+                     q_code, kv_code, out, lse)

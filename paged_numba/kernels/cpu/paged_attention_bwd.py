@@ -6,7 +6,7 @@ N physical blocks, bs block_size, M max blocks per sequence.
 Arguments (float32 unless said, C-contiguous, validated by ``ops/config.py``):
 
 - ``qf``, ``dof``   [B, H, Sq, D]: q and dout decoded to float32
-- ``k``, ``v``      [N, bs, Hkv, D] storage (float32, or uint16 bits decoded through ``kvtab``)
+- ``k``, ``v``      [N, bs, Hkv, D] storage (float32, or uint16 / uint8 bits decoded in the kernel)
 - ``delta``         [B, H, Sq]: rowsum(dout * out), the FlashAttention-2 preprocessing
 - ``lse2``          [B, H, Sq]: the forward's lse in base 2 (lse * log2 e); -inf rows are skipped
 - ``table`` int32 [B, M], ``seq_lens`` int32 [B]: token t of sequence b is slot ``t % bs`` of
@@ -69,7 +69,7 @@ def _probs_and_ds(S, dP, n_rows, nj, c, lse2_rows, delta_rows, first_vis, step_v
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab,
+def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code,
              blocks, rd_start, rd_b, rd_lb, dk, dv):
     """dk, dv float32 [N, bs, Hkv, D] (zero on entry). ``blocks`` lists the physical blocks in use;
     the readers of ``blocks[u]`` are ``(rd_b[x], rd_lb[x])`` for x in ``rd_start[u]:rd_start[u+1]``.
@@ -96,8 +96,8 @@ def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, kv_code, kvtab
         Kb = np.zeros((bs, D), np.float32)
         Vb = np.zeros((bs, D), np.float32)
         for j in range(nread):
-            load_row(k[n, j, kvh], D, Kb[j], kv_code, kvtab)
-            load_row(v[n, j, kvh], D, Vb[j], kv_code, kvtab)
+            load_row(k[n, j, kvh], D, Kb[j], kv_code)
+            load_row(v[n, j, kvh], D, Vb[j], kv_code)
         KbT = np.empty(D * bs, np.float32)   # [D, bs] for the GEMM path
         VbT = np.empty(D * bs, np.float32)
         if gemm:
@@ -178,7 +178,7 @@ def accumulate_rows(acc, W, X, nj, nr):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_code, kvtab, dq):
+def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_code, dq):
     """dq float32 [B, H, Sq, D] (written, every element). Per work item (sequence, KV head, query
     tile; rows (GQA head g, query q0 + r % nq)) and paged block: S = Q K^T and dP = dO V^T
     [rows, bs], P / dS in place, dQ += dS K. With bs and D multiples of 16 the three products are
@@ -234,8 +234,8 @@ def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, kv_co
             t0 = lb * bs
             nj = min(bs, kmax - t0)
             for j in range(nj):
-                load_row(k[phys, j, kvh], D, Kb[j], kv_code, kvtab)
-                load_row(v[phys, j, kvh], D, Vb[j], kv_code, kvtab)
+                load_row(k[phys, j, kvh], D, Kb[j], kv_code)
+                load_row(v[phys, j, kvh], D, Vb[j], kv_code)
             if gemm:
                 for j in range(nj):
                     for d in range(D):
