@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ...dtypes import BF16, E4M3, E5M2, F16, F32, FP8_E4M3_PARAMS, FP8_E5M2_PARAMS, fp8_encode_bits
+from ...dtypes import BF16, E4M3, F16, F32, FP8_E4M3_PARAMS, FP8_E5M2_PARAMS, fp8_encode_bits
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
