@@ -21,10 +21,20 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from numba import cuda, float32
 
 from ...dtypes import F32
-from .codecs import decode_bits, encode_bits
+from .codecs import decode_bits, encode_bits, f2u, i2f
+
+
+@cuda.jit(device=True, inline=True)
+def _keep_nan_sign(x, bits16):
+    """``x`` decoded from the 16-bit ``bits16``, with the source's sign bit put back on a NaN: the
+    GPU's half -> float conversion returns the canonical positive NaN for every NaN input."""
+    if x != x:
+        x = i2f(f2u(x) | ((np.uint32(bits16) & np.uint32(0x8000)) << np.uint32(16)))
+    return x
 
 
 @functools.cache
@@ -57,8 +67,8 @@ def write_kv_kernel(pool_code: int, src_code: int):
                 xk = float32(k[t, h, d])
                 xv = float32(v[t, h, d])
             else:
-                xk = decode_bits(k[t, h, d], src_code)
-                xv = decode_bits(v[t, h, d], src_code)
+                xk = _keep_nan_sign(decode_bits(k[t, h, d], src_code), k[t, h, d])
+                xv = _keep_nan_sign(decode_bits(v[t, h, d], src_code), v[t, h, d])
             # A GPU division returns the canonical (positive) NaN for any NaN operand; dividing only
             # non-NaN values keeps a NaN's sign bit, as ml_dtypes (and the CPU path) do.
             if xk == xk:
