@@ -9,9 +9,9 @@ which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC
 
 What is enumerated (``specializations``), with the geometry ``CudaClient._forward`` picks on a real
 GPU: for head dims 16, 40, 64, 80, 128, 256 crossed with the (q, kv, out) dtype triples below,
-``decode_kernel`` (Sq <= ``_DECODE_MAX_SQ``: NT = ``_DECODE_NT`` threads, R = ``_DECODE_R`` rows,
-U, PF and TPG = ``_tpg(D, W, sim=False, epl)`` from ``_DECODE_GEOMETRY``, words of ``_word_dtype``,
-partition sizes PT 2048 and 64, the two ends of ``_partition``; 2048 only with --quick) and ``tiled_kernel`` (longer Sq:
+``decode_kernel`` (Sq <= ``_DECODE_MAX_SQ``: the geometry of ``decode_geometry`` for GQA groups of
+4 rows at partition sizes PT 2048 and 64, the two ends of ``_partition`` (2048 only with --quick),
+and for one row per KV head at 2048; words of ``_word_dtype``) and ``tiled_kernel`` (longer Sq:
 ``tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
 backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
 F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode). Signatures
@@ -97,7 +97,6 @@ def specializations(quick: bool = False, partitions=None) -> list:
 
     dts = _dtypes()
     pts = tuple(partitions) if partitions else (QUICK_PARTITIONS if quick else PARTITIONS)
-    NT, R = client._DECODE_NT, client._DECODE_R
     specs = []
     for kernel in ("decode", "tiled"):
         for D in HEAD_DIMS:
@@ -115,11 +114,12 @@ def specializations(quick: bool = False, partitions=None) -> list:
                     specs.append(dict(base, PT=None, factory=dict(common, BQ=BQ, BK=BK, NT=NTT),
                                       spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
                     continue
-                epl, U, PF = client._DECODE_GEOMETRY[kv.itemsize]
-                TPG = client._tpg(D, W, False, epl)
-                for PT in pts:
-                    specs.append(dict(base, PT=PT, factory=dict(common, TPG=TPG, NT=NT, R=R, PT=PT, U=U, PF=PF),
-                                      spec=f"{label} TPG={TPG} NT={NT} R={R} PT={PT} U={U} PF={int(PF)}"))
+                # GQA groups (rows = 4) at both partition ends; one query row per KV head (MHA).
+                for rows, PT in [(4, PT) for PT in pts] + [(1, pts[0])]:
+                    geo = client.decode_geometry(D, kv.itemsize, wdt.itemsize, rows, PT, False)
+                    specs.append(dict(base, PT=PT, factory=dict(common, PT=PT, **geo),
+                                      spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
+                                      + f" PT={PT}"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -169,8 +169,8 @@ def _backward_specializations(dts) -> list:
 
 
 def _signature(spec):
-    """numba signature of the client's launch: (q, k, v, table, seq_lens, bs, qk_scale, out_scale,
-    causal, out, lse, po, pml, flag) for decode (k, v as [N * bs, Hkv, W]), (q, k, v, table,
+    """numba signature of the client's launch: (q, k, v, table, seq_lens, bs, Hkv, qk_scale, out_scale,
+    causal, out, lse, po, pml, flag) for decode (k, v as flat word arrays), (q, k, v, table,
     seq_lens, qk_scale, out_scale, causal, out, lse, flag) for the tiled kernel,
     (po, pml, out_scale, out, lse) for merge."""
     from numba import types as nt
@@ -190,8 +190,8 @@ def _signature(spec):
     tail = (nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
     if spec["kernel"] == "tiled":
         return nt.void(q, arr(word, 4), arr(word, 4), table, lens, *tail, arr("int32", 1))
-    return nt.void(q, arr(word, 3), arr(word, 3), table, lens, nt.int64, *tail, arr(f32, 5), arr(f32, 5),
-                   arr("int32", 1))
+    return nt.void(q, arr(word, 1), arr(word, 1), table, lens, nt.int64, nt.int64, *tail, arr(f32, 5),
+                   arr(f32, 5), arr("int32", 1))
 
 
 def _backward_signature(spec, arr):
@@ -276,11 +276,13 @@ def _ptx_by_cc(pyfunc, sig, ccs):
     return out
 
 
-def _link(ptx: str, cc):
-    """(cubin bytes, info log) of ``ptx`` linked for ``cc`` by nvJitLink."""
+def _link(ptx: str, cc, max_registers=None):
+    """(cubin bytes, info log) of ``ptx`` linked for ``cc`` by nvJitLink (with the kernel's
+    ``max_registers``, which numba passes to the linker too)."""
     from cuda.core import Linker, LinkerOptions, ObjectCode
     linker = Linker(ObjectCode.from_ptx(ptx.encode()),
-                    options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", verbose=True))
+                    options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", verbose=True,
+                                          max_register_count=max_registers))
     code = linker.link("cubin").code
     return bytes(code), linker.get_info_log()
 
@@ -359,7 +361,9 @@ def compile_one(spec, ccs) -> list:
     rows = []
     t0 = time.perf_counter()
     try:
-        ptx = _ptx_by_cc(_factory(spec).py_func, _signature(spec), ccs)
+        kern = _factory(spec)
+        maxreg = kern.targetoptions.get("max_registers")
+        ptx = _ptx_by_cc(kern.py_func, _signature(spec), ccs)
     except Exception as exc:  # report and go on: every specialization gets its line
         err = _error_text(exc)
         dt = time.perf_counter() - t0
@@ -370,7 +374,7 @@ def compile_one(spec, ccs) -> list:
         t1 = time.perf_counter()
         row = dict(base, cc=f"sm_{cc[0]}{cc[1]}")
         try:
-            cubin, log = _link(ptx[cc], cc)
+            cubin, log = _link(ptx[cc], cc, maxreg)
             row.update(ok=True, stage=None, error=None, cubin_bytes=len(cubin), **parse_link_log(log))
         except Exception as exc:
             row.update(ok=False, stage="link", error=_error_text(exc))

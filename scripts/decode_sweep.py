@@ -1,9 +1,10 @@
-"""Time the CUDA decode kernel alone over a grid of geometries (elements per lane -> lanes per token
-row, tokens in flight per lane group, threads, partition size) on the benchmark's decode shape, next
-to torch SDPA on the same data made contiguous; run on a GPU.
+"""Time the CUDA decode kernel alone over a grid of geometries (tokens per shared-memory tile,
+threads, register cap, partition size, elements per lane -> lanes per token row) on the benchmark's
+decode shape, next to torch SDPA on the same data made contiguous; run on a GPU. Each geometry's
+output is compared with the first one's (``diff``), so a geometry that computes garbage shows.
 
-    python scripts/decode_sweep.py [--kv bf16 fp8] [--L 4096] [--B 32] [--epl 4 8] [--u 2 4 8]
-                                   [--nt 128 256] [--pt 512]
+    python scripts/decode_sweep.py [--kv bf16 fp8] [--L 4096] [--B 32] [--tt 16 32] [--nt 128 256]
+                                   [--maxreg 0 128] [--pt 2048] [--epl 8] [--cfg TT,NT,MAXREG,PT,EPL ...]
 
 Each figure is the kernel time per call (decode + merge) from the profiler's CUPTI trace of 20
 calls when PyTorch is there, else CUDA events around 20 back-to-back calls (which include numba's
@@ -22,13 +23,15 @@ def main():
     ap.add_argument("--kv", nargs="+", default=["bf16", "fp8"])
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--B", type=int, default=32)
-    ap.add_argument("--epl", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--u", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--tt", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--nt", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--pt", type=int, nargs="+", default=[512])
-    ap.add_argument("--pf", type=int, nargs="+", default=[0], help="prefetch the next tokens: 0 / 1")
+    ap.add_argument("--maxreg", type=int, nargs="+", default=[0])
+    ap.add_argument("--pt", type=int, nargs="+", default=[2048])
+    ap.add_argument("--epl", type=int, nargs="+", default=[8])
+    ap.add_argument("--reps", type=int, default=20, help="calls per timing")
+    ap.add_argument("--runs", type=int, default=5, help="timings (CUDA events only) of which the median is taken")
     ap.add_argument("--cfg", nargs="+", default=None,
-                    help="explicit EPL,U,NT,PT,PF tuples instead of the product of the lists")
+                    help="explicit TT,NT,MAXREG,PT,EPL tuples instead of the product of the lists")
     args = ap.parse_args()
     import ml_dtypes
     from numba import cuda
@@ -40,6 +43,8 @@ def main():
 
     try:
         import torch
+        if not torch.cuda.is_available():
+            torch = None
     except ImportError:
         torch = None
     rt = pn.get_runtime("cuda")
@@ -78,8 +83,8 @@ def main():
         wdt = rcuda._word_dtype(D * kd.itemsize)
         W = D * kd.itemsize // wdt.itemsize
         dq = cuda.to_device(q.view(np.uint16))
-        kw = cuda.to_device(k.view(kd.storage)).view(wdt).reshape(N * bs, Hkv, W)
-        vw = cuda.to_device(v.view(kd.storage)).view(wdt).reshape(N * bs, Hkv, W)
+        kw = cuda.to_device(k.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
+        vw = cuda.to_device(v.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
         table_d, lens_d, flag = client._metadata(cfg)
         out = cuda.device_array(cfg.q_shape, np.uint16)
         lse = cuda.device_array(cfg.q_shape[:3], np.float32)
@@ -87,25 +92,32 @@ def main():
         start, stop = cuda.event(), cuda.event()
         print(f"B{B} H{H}/{Hkv} D{D} L{L} {kvn}: {kv_bytes / 1e6:.0f} MB of K/V", flush=True)
         grid = ([tuple(int(x) for x in c.split(",")) for c in args.cfg] if args.cfg else
-                itertools.product(args.epl, args.u, args.nt, args.pt, args.pf))
-        for epl, U, NT, PT, PF in grid:
-            TPG = rcuda._tpg(D, W, False, epl)
+                itertools.product(args.tt, args.nt, args.maxreg, args.pt, args.epl))
+        ref = None
+        for TT, NT, MAXREG, PT, epl in grid:
+            TX = rcuda._tpg(D, W, rt.simulator, epl)
+            R = rcuda._decode_rows(cfg.G)
+            PT = min(PT, 1 << (L - 1).bit_length())
             n_parts = -(-L // PT)
-            R = rcuda._DECODE_R
             rows_blocks = B * Hkv * -(-cfg.G // R)
             po = cuda.device_array((B, H, 1, n_parts, D), np.float32)
             pml = cuda.device_array((B, H, 1, n_parts, 2), np.float32)
-            kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R,
-                                 PT, U, bool(PF))
+            tag = f"TT={TT:3d} NT={NT:4d} MAXREG={MAXREG:3d} PT={PT:5d} EPL={epl:2d} TX={TX:2d}"
+            try:
+                kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TX, NT,
+                                     R, PT, TT, MAXREG)
+            except AssertionError:
+                print(f"{tag}: not a valid geometry", flush=True)
+                continue
             merge = merge_kernel(D, cfg.q_dtype.code, 128)
 
             def launch():
-                kern[(rows_blocks, n_parts), NT](dq, kw, vw, table_d, lens_d, bs, cfg.scale, 1.0, False, out,
+                kern[(rows_blocks, n_parts), NT](dq, kw, vw, table_d, lens_d, bs, Hkv, cfg.scale, 1.0, False, out,
                                                  lse, po, pml, flag)
                 if n_parts > 1:
                     merge[B * H, 128](po, pml, 1.0, out, lse)
 
-            def elapsed(reps=20, runs=5):
+            def elapsed(reps=args.reps, runs=args.runs):
                 launch()
                 cuda.synchronize()
                 if torch is not None:  # kernel time from the profiler's CUPTI trace
@@ -132,16 +144,18 @@ def main():
             try:
                 t = elapsed()
             except Exception as exc:  # a geometry that does not fit: report and go on
-                print(f"EPL={epl} TPG={TPG} U={U} NT={NT} PT={PT} PF={PF}: failed: {str(exc)[:200]}", flush=True)
+                print(f"{tag}: failed: {str(exc)[:200]}", flush=True)
                 continue
+            got = out.copy_to_host().view(ml_dtypes.bfloat16).astype(np.float32)
+            if ref is None:
+                ref = got
             regs = ""
             try:
                 regs = f" regs={list(kern.get_regs_per_thread().values())}"
             except Exception:
                 pass
-            print(f"EPL={epl:2d} TPG={TPG:2d} U={U} NT={NT:4d} PT={PT:4d} PF={PF}: "
-                  f"{t * 1e6:8.1f} us  "
-                  f"{kv_bytes / t / 1e12:5.2f} TB/s{regs}", flush=True)
+            print(f"{tag}: {t * 1e6:8.1f} us  {kv_bytes / t / 1e12:5.2f} TB/s  "
+                  f"diff={float(np.abs(got - ref).max()):.2e}{regs}", flush=True)
 
 
 if __name__ == "__main__":

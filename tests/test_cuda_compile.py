@@ -6,8 +6,8 @@ Runs ``scripts/cuda_compile_check.py`` in a subprocess without ``NUMBA_ENABLE_CU
 in the simulator lane. Needs NVIDIA's compiler libraries (NVVM, NVRTC, nvJitLink: the wheels of
 ``pip install -e '.[cuda13]'``); skipped only when one of them cannot be loaded.
 
-The quick run (sm_90, partition size 512) always runs; the full run (sm_90 and sm_80, partition
-sizes 512 and 64) runs when PAGED_NUMBA_FULL_COMPILE_CHECK=1.
+The quick run (sm_90, partition size 2048) always runs; the full run (sm_90 and sm_80, partition
+sizes 2048 and 64) runs when PAGED_NUMBA_FULL_COMPILE_CHECK=1.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def _assert_report(rows, stdout, ccs, partitions):
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = sorted(r["out"] for r in rows if r["kernel"] in ("bwd_fill", "bwd_encode") and r["cc"] == cc)
         assert got == ["bf16", "f16", "f32"], f"fill / encode {cc}: {got}"
-    per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 1) + len(OUT_DTYPES))
+    # decode: a GQA group at every partition size and one row per KV head at the first; tiled: one
+    per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 2) + len(OUT_DTYPES))
               + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]

@@ -16,11 +16,10 @@ _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'pag
         "'[cuda12]'), or set NUMBA_ENABLE_CUDASIM=1 for the simulator, or use runtime='cpu'")
 
 _DECODE_NT = 128     # threads per decode block on a GPU
-_DECODE_R = 4        # query rows per decode block
-# Per K/V element size in bytes: (elements per lane and token row -> lanes per row, tokens each lane
-# group loads at once, prefetch the next tokens' loads before the math), the fastest of the sweeps
-# in benchmarks/results/gpu_decode_sweep.md.
-_DECODE_GEOMETRY = {1: (8, 2, True), 2: (16, 2, False), 4: (16, 2, False)}
+_DECODE_R = 4        # most query rows per decode block
+_DECODE_EPL = 8      # most elements of a token row per lane (sets the lanes per row)
+_DECODE_TILE_BYTES = 8192  # bytes of K (and as many of V) per shared-memory tile of a decode block
+_DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in registers)
 _DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
@@ -53,6 +52,36 @@ def _tpg(D: int, W: int, sim: bool, epl: int) -> int:
     while t < cap and -(-W // t) * E > epl:
         t *= 2
     return t
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _decode_rows(rows: int) -> int:
+    """Query rows per decode block: the G * Sq rows of a (sequence, KV head) rounded up to a power of
+    two, at most ``_DECODE_R``."""
+    return min(_DECODE_R, _pow2_at_most(2 * rows - 1))
+
+
+def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, sim: bool) -> dict:
+    """The decode kernel's geometry for head dim D, K/V elements of ``kv_bytes``, rows read as words
+    of ``word_bytes``, ``rows`` = G * Sq query rows per (sequence, KV head) and partitions of PT
+    tokens: TX lanes per token row, NT threads, R rows per block (the GQA group, up to
+    ``_DECODE_R``), TT tokens per tile (about ``_DECODE_TILE_BYTES`` of K, at most PT and
+    ``_DECODE_TPS`` tokens per token slot, a multiple of the NT / TX slots). The figures are the
+    fastest of the H200 sweeps in benchmarks/results/gpu_decode_sweep.md."""
+    W = D * kv_bytes // word_bytes
+    TX = _tpg(D, W, sim, _DECODE_EPL)
+    NT = 32 if sim else _DECODE_NT
+    R = _decode_rows(rows)
+    NZ = NT // TX
+    # Static shared memory (48 KiB at most): slot list 8 * PT, K and V tiles, the warps' partial
+    # results 4 * (NT / 32) * R * (D + 2).
+    room = 48 * 1024 - 8 * PT - 4 * max(1, NT // 32) * R * (D + 2)
+    tile = min(_DECODE_TILE_BYTES, room // 2)
+    TT = max(NZ, min(PT, _DECODE_TPS * NZ, _pow2_at_most(tile // (D * kv_bytes))))
+    return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
 class CudaClient(Client):
@@ -125,11 +154,9 @@ class CudaClient(Client):
         N, bs, Hkv = cfg.kv_shape[:3]
         kw = k.reshape(cfg.kv_shape).view(wdt)
         vw = v.reshape(cfg.kv_shape).view(wdt)
-        NT = 32 if rt.simulator else _DECODE_NT
-        epl, U, PF = _DECODE_GEOMETRY[kd.itemsize]
-        TPG = _tpg(D, W, rt.simulator, epl)
-        R = _DECODE_R
-        n_rc = -(-cfg.G * cfg.Sq // R)
+        rows = cfg.G * cfg.Sq
+        R = _decode_rows(rows)
+        n_rc = -(-rows // R)
         rows_blocks = cfg.B * cfg.Hkv * n_rc
         PT = self._partition(cfg.max_len, rows_blocks)
         n_parts = max(1, -(-cfg.max_len // PT))
@@ -143,19 +170,20 @@ class CudaClient(Client):
                                                           cfg.causal, out, lse, flag)
             self._check(flag, cfg)
             return out, lse
-        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TPG, NT, R, PT,
-                             U, PF)
-        kr = kw.reshape(N * bs, Hkv, W)
-        vr = vw.reshape(N * bs, Hkv, W)
+        geo = decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
+        NT = geo["NT"]
+        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo)
+        kr = kw.reshape(N * bs * Hkv * W)
+        vr = vw.reshape(N * bs * Hkv * W)
         if n_parts == 1:
             dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
-            kern[(rows_blocks, 1), NT](q, kr, vr, table, lens, bs, qk_scale, out_scale, cfg.causal, out, lse,
-                                       dummy, dummy, flag)
+            kern[(rows_blocks, 1), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal, out,
+                                       lse, dummy, dummy, flag)
         else:
             po = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, D), np.float32)
             pml = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, 2), np.float32)
-            kern[(rows_blocks, n_parts), NT](q, kr, vr, table, lens, bs, qk_scale, out_scale, cfg.causal, out,
-                                             lse, po, pml, flag)
+            kern[(rows_blocks, n_parts), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal,
+                                             out, lse, po, pml, flag)
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
         self._check(flag, cfg)

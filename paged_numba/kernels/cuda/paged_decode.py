@@ -6,12 +6,12 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
 ``decode_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
 - ``q``      [B, H, Sq, D] storage of q (float32, uint16 bits, uint8 FP8 codes)
-- ``k``, ``v`` [N * bs, Hkv, W] the K/V pools with blocks and slots flattened, each row read as W
-  machine words (uint64 / uint32 / uint16 / uint8 views of the storage; E = D / W elements per
-  word, decoded in the kernel)
+- ``k``, ``v`` the K/V pools [N, bs, Hkv, D] as flat arrays of machine words (uint64 / uint32 /
+  uint16 / uint8 views of the storage; W words per row, E = D / W elements per word, decoded in the
+  kernel); row (slot s, KV head h) starts at word (s * Hkv + h) * W
 - ``table``  int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
-- ``seq_lens`` int32 [B]; ``bs`` the block size; ``qk_scale`` multiplies q . k; ``out_scale``
-  multiplies the output
+- ``seq_lens`` int32 [B]; ``bs`` the block size; ``n_kv_heads`` Hkv; ``qk_scale`` multiplies
+  q . k; ``out_scale`` multiplies the output
 - ``out``    [B, H, Sq, D] storage of the output dtype, ``lse`` float32 [B, H, Sq] (one partition)
 - ``po``     float32 [B, H, Sq, P, D], ``pml`` float32 [B, H, Sq, P, 2] (several partitions: each
   partition's normalized output, its running max in base 2 and its sum, for ``merge_kernel``)
@@ -20,12 +20,16 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
 Grid (B * Hkv * row chunks, P partitions), NT threads. A thread block serves R rows of one
 (sequence, KV head) -- rows are (GQA head g, query i) pairs, so the whole group shares every K/V
 load -- over one partition of PT tokens. The block first resolves the partition's tokens to pool
-rows through the block table (once, into shared memory). Threads then work in groups of TPG lanes;
-a group takes U tokens at a time, issues the coalesced word loads of their K and V rows together
-(lane l takes words l, l + TPG, ...), reduces the dot products with warp shuffles and keeps its own
-online softmax (running max and sum in base 2, accumulators in registers): one pass over the cache,
-no score buffer. Groups of a warp merge through shuffles, warps through shared memory. Tokens
-t >= L are never read (bottom-right causal mask on top).
+rows through the block table (once, into shared memory). It then walks the partition in tiles of
+TT tokens, software-pipelined: every thread loads its share of the next tile's K and V words into
+registers (consecutive threads on consecutive words of a row: coalesced) while the block computes
+on the current tile from shared memory, then stores them there. For the math, threads work in
+groups of TX lanes (lane l holds words l, l + TX, ... of a row and the matching slice of all R q
+rows); each group (token slot) takes every NZ-th token of the tile, decodes each K element once for
+the R rows, reduces the dot products with warp shuffles and keeps its own online softmax (running
+max and sum in base 2, accumulators in registers): one pass over the cache, no score buffer. Slots
+of a warp merge through shuffles, warps through shared memory. Tokens t >= L are never read
+(bottom-right causal mask on top).
 """
 from __future__ import annotations
 
@@ -48,58 +52,63 @@ def _log2(n: int) -> int:
 
 
 @cuda.jit(device=True, inline=True)
-def _load_rows(k, v, slot_s, kvh, lane, gid, base, ntok, kw, vw, U, NG, WPL, TPG, W):
-    """Words of the K and V rows of tokens base + u * NG + gid (u < U) of the partition into kw, vw
-    (zeros past ntok and past the row)."""
-    for u in range(U):
-        tt = base + u * NG + gid
-        if tt < ntok:
-            row = slot_s[tt]
-            for cc in range(WPL):
-                w = lane + TPG * cc
-                if w < W:
-                    kw[u * WPL + cc] = np.uint64(k[row, kvh, w])
-                    vw[u * WPL + cc] = np.uint64(v[row, kvh, w])
-                else:
-                    kw[u * WPL + cc] = np.uint64(0)
-                    vw[u * WPL + cc] = np.uint64(0)
+def _load_tile(k, v, slot_s, tid, base, ntok, kbuf, vbuf, NT, LPT, TW, W):
+    """Words tid + NT * j (j < LPT) of the K and V rows of tokens base .. base + TT - 1 of the
+    partition into kbuf, vbuf (consecutive threads on consecutive words of a row; zeros past ntok).
+    Indices are cast to unsigned, which spares numba's negative-index wraparound code."""
+    for j in range(LPT):
+        i = tid + NT * j
+        tt = base + i // W
+        if (TW % NT == 0 or i < TW) and tt < ntok:
+            a = np.uint64(slot_s[np.uint64(tt)] + i % W)
+            kbuf[j] = k[a]
+            vbuf[j] = v[a]
         else:
-            for cc in range(WPL):
-                kw[u * WPL + cc] = np.uint64(0)
-                vw[u * WPL + cc] = np.uint64(0)
+            kbuf[j] = 0
+            vbuf[j] = 0
 
 
 @functools.cache
-def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TPG: int,
-                  NT: int, R: int, PT: int, U: int = 2, PF: bool = False):
-    """The decode kernel specialized on head_dim, dtype codes, word size and geometry (U: tokens
-    each lane group loads at once; PF: issue the next U tokens' loads before the math on these)."""
+def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TX: int,
+                  NT: int, R: int, PT: int, TT: int, MAXREG: int = 0):
+    """The decode kernel specialized on head_dim, dtype codes, word size and geometry: TX lanes per
+    token row, NT threads, R query rows, PT tokens per partition, TT tokens per shared-memory tile;
+    MAXREG caps the registers per thread (0: no cap)."""
     EB = ELEM_BITS[kv_code]
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
-    WPL = (W + TPG - 1) // TPG     # words per lane
+    WPL = (W + TX - 1) // TX       # words per lane
     EPL = WPL * E                  # elements per lane
-    NG = NT // TPG                 # lane groups per block
-    SHFL = not SIM                 # warp shuffles (the simulator has none)
-    NPART = NT // 32 if SHFL else NG   # partial results per block after the in-warp merge
-    LOG_TPG = _log2(TPG)
-    LOG_CROSS = _log2(32 // TPG) if SHFL else 0
-    MASK = np.uint64((1 << EB) - 1)
+    EXACT = WPL * TX == W          # every lane holds WPL words of the row
+    NZ = NT // TX                  # token slots: thread (tx, tz) = (lane of a row, slot)
+    TPS = TT // NZ                 # tokens of a tile per slot
+    TW = TT * W                    # words of a tile, per pool
+    LPT = (TW + NT - 1) // NT      # words each thread loads per tile, per pool
+    SHFL = not SIM                 # warp shuffles (the simulator has none; there TX = 1)
+    NPART = NT // 32 if SHFL else NZ   # partial results per block after the in-warp merge
+    LOG_TX = _log2(TX)
+    LOG_CROSS = _log2(32 // TX) if SHFL else 0
+    WDT = {64: np.uint64, 32: np.uint32, 16: np.uint16, 8: np.uint8}[word_bits]
+    MASK = WDT((1 << EB) - 1)
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
-    ACC_N = R * EPL                # accumulator registers per lane
-    UW = U * WPL                   # words in flight per lane, per pool
-    UR = U * R
+    ACC_N = R * EPL                # q and accumulator registers per thread
+    SC_N = TPS * R                 # scores per thread and tile
+    assert NZ >= 1 and TT % NZ == 0 and (TX == 1 or SHFL) and (not SHFL or 32 % TX == 0)
 
-    @cuda.jit(cache=True)
-    def kernel(q, k, v, table, seq_lens, bs, qk_scale, out_scale, causal, out, lse, po, pml, flag):
-        tid = cuda.threadIdx.x
+    @cuda.jit(cache=True, **({} if SIM else {"max_registers": MAXREG or None}))
+    def kernel(q, k, v, table, seq_lens, bs, n_kv_heads, qk_scale, out_scale, causal, out, lse, po, pml, flag):
+        # MAXREG is named here so that it is a closure variable of the kernel, hence part of numba's
+        # on-disk cache key (the max_registers option alone is not).
+        tid = cuda.threadIdx.x + 0 * MAXREG
+        tx = tid % TX
+        tz = tid // TX
         part = cuda.blockIdx.y
         n_parts = cuda.gridDim.y
         H = q.shape[1]
         Sq = q.shape[2]
-        Hkv = k.shape[1]
+        Hkv = n_kv_heads
         G = H // Hkv
         rows = G * Sq
         n_rc = (rows + R - 1) // R
@@ -110,114 +119,126 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         L = seq_lens[b]
         t0 = part * PT
         ntok = max(0, min(PT, L - t0))
+        first = L - Sq                 # position of query 0; query i sees tokens t <= first + i
 
-        q_s = cuda.shared.array((R, D), float32)
         slot_s = cuda.shared.array(PT, int64)
+        ks = cuda.shared.array(TW, WDT)
+        vs = cuda.shared.array(TW, WDT)
         ml_s = cuda.shared.array((NPART, R, 2), float32)
         red_o = cuda.shared.array((NPART, R, D), float32)
 
-        c = float32(qk_scale * LOG2E)
-        for idx in range(tid, R * D, NT):
-            r = idx // D
-            d = idx % D
-            gr = rc * R + r
-            x = float32(0.0)
-            if gr < rows:
-                if Q_F32:
-                    x = q[b, kvh * G + gr // Sq, gr % Sq, d]
-                else:
-                    x = decode_bits(q[b, kvh * G + gr // Sq, gr % Sq, d], q_code)
-            q_s[r, d] = x * c
         for j in range(tid, ntok, NT):
             t = t0 + j
-            slot_s[j] = int64(table[b, t // bs]) * bs + t % bs
-        cuda.syncthreads()
-
-        lane = tid % TPG
-        gid = tid // TPG
-        # This lane's slice of the q rows, in registers: dims (lane + TPG * cc) * E + e.
+            slot_s[j] = ((int64(table[b, t // bs]) * bs + t % bs) * Hkv + kvh) * W
+        # This lane's slice of the R q rows, scaled, in registers: dims (tx + TX * cc) * E + e.
+        c = float32(qk_scale * LOG2E)
         qreg = cuda.local.array(ACC_N, float32)
-        for cc in range(WPL):
-            w = lane + TPG * cc
-            for e in range(E):
-                for r in range(R):
-                    qreg[r * EPL + cc * E + e] = q_s[r, w * E + e] if w < W else float32(0.0)
+        for r in range(R):
+            gr = rc * R + r
+            for cc in range(WPL):
+                w = tx + TX * cc
+                for e in range(E):
+                    x = float32(0.0)
+                    if gr < rows and (EXACT or w < W):
+                        if Q_F32:
+                            x = q[b, kvh * G + gr // Sq, gr % Sq, w * E + e]
+                        else:
+                            x = decode_bits(q[b, kvh * G + gr // Sq, gr % Sq, w * E + e], q_code)
+                    qreg[r * EPL + cc * E + e] = x * c
         acc = cuda.local.array(ACC_N, float32)
         for i in range(ACC_N):
             acc[i] = 0.0
         m = cuda.local.array(R, float32)
+        mnew = cuda.local.array(R, float32)
+        fac = cuda.local.array(R, float32)
         lsum = cuda.local.array(R, float32)
         for r in range(R):
             m[r] = NEG_INF
+            mnew[r] = NEG_INF
             lsum[r] = 0.0
-        kw = cuda.local.array(UW, np.uint64)
-        vw = cuda.local.array(UW, np.uint64)
-        kn = cuda.local.array(UW, np.uint64)
-        vn = cuda.local.array(UW, np.uint64)
-        s = cuda.local.array(UR, float32)
-        first = L - Sq                 # position of query 0; query i sees tokens t <= first + i
-        if PF:
-            _load_rows(k, v, slot_s, kvh, lane, gid, 0, ntok, kw, vw, U, NG, WPL, TPG, W)
-        for base in range(0, ntok, NG * U):
-            # All K and V loads of the U tokens first, then the math: bytes in flight. With PF the
-            # loads of the next U tokens are issued before the math on these (software pipeline).
-            if PF:
-                _load_rows(k, v, slot_s, kvh, lane, gid, base + NG * U, ntok, kn, vn, U, NG, WPL, TPG, W)
-            else:
-                _load_rows(k, v, slot_s, kvh, lane, gid, base, ntok, kw, vw, U, NG, WPL, TPG, W)
-            for i in range(UR):
-                s[i] = 0.0
-            for u in range(U):
+        kbuf = cuda.local.array(LPT, WDT)
+        vbuf = cuda.local.array(LPT, WDT)
+        sc = cuda.local.array(SC_N, float32)
+        cuda.syncthreads()
+
+        # Software pipeline: the loads of tile i + 1 are in flight while tile i is used from shared
+        # memory, so every thread keeps LPT words per pool on the way during the math.
+        _load_tile(k, v, slot_s, tid, 0, ntok, kbuf, vbuf, NT, LPT, TW, W)
+        for base in range(0, ntok, TT):
+            cuda.syncthreads()         # the previous tile is no longer read
+            for j in range(LPT):
+                i = tid + NT * j
+                if TW % NT == 0 or i < TW:
+                    ks[np.uint64(i)] = kbuf[j]
+                    vs[np.uint64(i)] = vbuf[j]
+            cuda.syncthreads()
+            if base + TT < ntok:
+                _load_tile(k, v, slot_s, tid, base + TT, ntok, kbuf, vbuf, NT, LPT, TW, W)
+            # Scores of this slot's tokens tz, tz + NZ, ... of the tile for the R rows: each K
+            # element is decoded once and used by every row.
+            for i in range(SC_N):
+                sc[i] = 0.0
+            for j in range(TPS):
+                o = (tz + NZ * j) * W
                 for cc in range(WPL):
-                    word = kw[u * WPL + cc]
-                    for e in range(E):
-                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
-                        for r in range(R):
-                            s[u * R + r] += x * qreg[r * EPL + cc * E + e]
+                    w = tx + TX * cc
+                    if EXACT or w < W:
+                        word = ks[np.uint64(o + w)]
+                        for e in range(E):
+                            x = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
+                            for r in range(R):
+                                sc[j * R + r] += x * qreg[r * EPL + cc * E + e]
             if SHFL:
-                for sh in range(LOG_TPG):
-                    for i in range(UR):
-                        s[i] += cuda.shfl_xor_sync(0xFFFFFFFF, s[i], TPG >> (sh + 1))
-            # Mask, then the online softmax of this group (every lane holds the same scores).
-            for u in range(U):
-                tt = base + u * NG + gid
+                for sh in range(LOG_TX):
+                    for i in range(SC_N):
+                        sc[i] += cuda.shfl_xor_sync(0xFFFFFFFF, sc[i], TX >> (sh + 1))
+            # Mask (only a tile that reaches past the partition or the causal edge needs it), then
+            # the online softmax (every lane of a group holds the same scores).
+            whole = base + TT <= ntok and (not causal or t0 + base + TT - 1 <= first)
+            for j in range(TPS):
+                tt = base + tz + NZ * j
                 for r in range(R):
-                    gr = rc * R + r
-                    x = s[u * R + r]
-                    if tt < ntok and gr < rows and (not causal or t0 + tt <= first + gr % Sq):
-                        if lane == 0 and not abs(x) < np.inf:
+                    x = sc[j * R + r]
+                    if whole or (tt < ntok and (not causal or t0 + tt <= first + (rc * R + r) % Sq)):
+                        if not abs(x) < np.inf:
                             flag[0] = 1
                     else:
                         x = NEG_INF
-                    s[u * R + r] = x
+                    sc[j * R + r] = x
+            # (Loops over rows are innermost and short, so that they unroll: a register array indexed
+            # by a loop variable that does not unroll would live in local memory.)
+            for j in range(TPS):
+                for r in range(R):
+                    mnew[r] = max(mnew[r], sc[j * R + r])
             for r in range(R):
-                mx = m[r]
-                for u in range(U):
-                    mx = max(mx, s[u * R + r])
-                if mx > m[r]:
-                    sc = math.exp2(m[r] - mx)
-                    lsum[r] *= sc
-                    for j in range(EPL):
-                        acc[r * EPL + j] *= sc
-                    m[r] = mx
-                for u in range(U):
+                f = float32(1.0)
+                if mnew[r] > m[r]:
+                    f = math.exp2(m[r] - mnew[r])
+                fac[r] = f
+                lsum[r] *= f
+                m[r] = mnew[r]
+            for i in range(EPL):
+                for r in range(R):
+                    acc[r * EPL + i] *= fac[r]
+            for j in range(TPS):
+                for r in range(R):
                     p = float32(0.0)
-                    if mx > NEG_INF:
-                        p = math.exp2(s[u * R + r] - mx)
-                    s[u * R + r] = p
+                    if m[r] > NEG_INF:
+                        p = math.exp2(sc[j * R + r] - m[r])
+                    sc[j * R + r] = p
                     lsum[r] += p
-            for u in range(U):
+            for j in range(TPS):
+                o = (tz + NZ * j) * W
                 for cc in range(WPL):
-                    word = vw[u * WPL + cc]
-                    for e in range(E):
-                        x = decode_bits((word >> np.uint64(e * EB)) & MASK, kv_code)
-                        for r in range(R):
-                            acc[r * EPL + cc * E + e] += s[u * R + r] * x
-            if PF:
-                for i in range(UW):
-                    kw[i] = kn[i]
-                    vw[i] = vn[i]
-        # Merge the groups of a warp (butterfly over the lane-group bits), then the warps.
+                    w = tx + TX * cc
+                    if EXACT or w < W:
+                        word = vs[np.uint64(o + w)]
+                        for e in range(E):
+                            x = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
+                            for r in range(R):
+                                acc[r * EPL + cc * E + e] += sc[j * R + r] * x
+
+        # Merge the slots of a warp (butterfly over the slot bits of the lane), then the warps.
         if SHFL:
             for sh in range(LOG_CROSS):
                 off = 16 >> sh
@@ -231,23 +252,23 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                         sa = math.exp2(m[r] - mn)
                         sb = math.exp2(mo - mn)
                     lsum[r] = lsum[r] * sa + lo * sb
-                    for j in range(EPL):
-                        ao = cuda.shfl_xor_sync(0xFFFFFFFF, acc[r * EPL + j], off)
-                        acc[r * EPL + j] = acc[r * EPL + j] * sa + ao * sb
+                    for i in range(EPL):
+                        ao = cuda.shfl_xor_sync(0xFFFFFFFF, acc[r * EPL + i], off)
+                        acc[r * EPL + i] = acc[r * EPL + i] * sa + ao * sb
                     m[r] = mn
             pidx = tid // 32
-            writer = tid % 32 < TPG
+            writer = tid % 32 < TX
         else:
-            pidx = gid
+            pidx = tz
             writer = True
         if writer:
             for cc in range(WPL):
-                w = lane + TPG * cc
-                if w < W:
+                w = tx + TX * cc
+                if EXACT or w < W:
                     for e in range(E):
                         for r in range(R):
                             red_o[pidx, r, w * E + e] = acc[r * EPL + cc * E + e]
-            if lane == 0:
+            if tx == 0:
                 for r in range(R):
                     ml_s[pidx, r, 0] = m[r]
                     ml_s[pidx, r, 1] = lsum[r]
@@ -256,10 +277,10 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         for idx in range(tid, R * D, NT):
             r = idx // D
             d = idx % D
-            gr = rc * R + r
-            if gr < rows:
-                h = kvh * G + gr // Sq
-                i = gr % Sq
+            gq = rc * R + r
+            if gq < rows:
+                h = kvh * G + gq // Sq
+                i = gq % Sq
                 mm = NEG_INF
                 for p in range(NPART):
                     mm = max(mm, ml_s[p, r, 0])
