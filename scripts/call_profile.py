@@ -1,8 +1,8 @@
 """Where the host time of one public CUDA call goes: wall time per call of
 ``pn.paged_attention_fwd`` on device Tensors (decode B32 H32/8 D128 L4096 bf16), then a cProfile of
-20 calls, sorted by own time; run on a GPU.
+20 calls, sorted by own time (or --sort cumulative); run on a GPU.
 
-    python scripts/call_profile.py [--top 30]
+    python scripts/call_profile.py [--top 30] [--sort tottime]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     ap.add_argument("--B", type=int, default=32)
     ap.add_argument("--L", type=int, default=4096)
     args = ap.parse_args()
@@ -56,7 +57,7 @@ def main():
         call()
     rt.synchronize()
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ runs on numba's CUDA simulator (correctness at tiny shapes, no GPU needed).
 """
 from __future__ import annotations
 
+import collections
+import threading
 
 import numpy as np
 
@@ -21,6 +23,7 @@ _DECODE_EPL = 8      # most elements of a token row per lane (sets the lanes per
 _DECODE_TILE_BYTES = 8192  # bytes of K (and as many of V) per shared-memory tile of a decode block
 _DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in registers)
 _DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
+_SCRATCH_KEEP = 8    # scratch buffers kept per thread (metadata per (B, M), split-K partials per shape)
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
 
 
@@ -88,6 +91,7 @@ class CudaClient(Client):
     def __init__(self, runtime):
         self.runtime = runtime
         self._cuda = runtime._cuda
+        self._local = threading.local()
 
     def run_fwd(self, cfg, q, k, v):
         return self._forward(cfg, q, k, v, cfg.scale, 1.0)
@@ -150,10 +154,7 @@ class CudaClient(Client):
             return out, lse
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _word_dtype(D * kd.itemsize)
-        W = D * kd.itemsize // wdt.itemsize
         N, bs, Hkv = cfg.kv_shape[:3]
-        kw = k.reshape(cfg.kv_shape).view(wdt)
-        vw = v.reshape(cfg.kv_shape).view(wdt)
         rows = cfg.G * cfg.Sq
         R = _decode_rows(rows)
         n_rc = -(-rows // R)
@@ -165,6 +166,8 @@ class CudaClient(Client):
             from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
             BQ, BK, NTT = tile_shape(D, rt.simulator)
+            kw = k.reshape(cfg.kv_shape).view(wdt)
+            vw = v.reshape(cfg.kv_shape).view(wdt)
             kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT)
             kern[(cfg.B * cfg.H, -(-cfg.Sq // BQ)), NTT](q, kw, vw, table, lens, qk_scale, out_scale,
                                                           cfg.causal, out, lse, flag)
@@ -173,15 +176,16 @@ class CudaClient(Client):
         geo = decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
         NT = geo["NT"]
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo)
-        kr = kw.reshape(N * bs * Hkv * W)
-        vr = vw.reshape(N * bs * Hkv * W)
+        kr = k.reshape(k.size).view(wdt)    # flat word arrays
+        vr = v.reshape(v.size).view(wdt)
         if n_parts == 1:
-            dummy = cuda.device_array((1, 1, 1, 1, 1), np.float32)
+            dummy = self._cached("dummy", lambda: cuda.device_array((1, 1, 1, 1, 1), np.float32))
             kern[(rows_blocks, 1), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal, out,
                                        lse, dummy, dummy, flag)
         else:
-            po = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, D), np.float32)
-            pml = cuda.device_array((cfg.B, cfg.H, cfg.Sq, n_parts, 2), np.float32)
+            shape = (cfg.B, cfg.H, cfg.Sq, n_parts)
+            po, pml = self._cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32),
+                                                                 cuda.device_array((*shape, 2), np.float32)))
             kern[(rows_blocks, n_parts), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal,
                                              out, lse, po, pml, flag)
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
@@ -190,14 +194,37 @@ class CudaClient(Client):
         return out, lse
 
     def _metadata(self, cfg):
-        """(table [B, M], seq_lens [B], flag [1]) on the device, uploaded in one copy."""
+        """(table [B, M], seq_lens [B], flag [1]) on the device, uploaded in one synchronous copy
+        from pinned memory into buffers kept per (B, M) -- the copy is ordered after any earlier
+        kernel that still reads them, and numba's array slicing and allocation cost more host time
+        than the kernels of a decode step."""
         B, M = cfg.block_table.shape
-        host = np.empty(B * M + B + 1, np.int32)
+        host, table, lens, flag, dev = self._cached(("meta", B, M), lambda: self._new_metadata(B, M))
         host[:B * M] = cfg.block_table.reshape(-1)
         host[B * M:B * M + B] = cfg.seq_lens
         host[-1] = 0
-        dev = self._cuda.to_device(host)
-        return dev[:B * M].reshape(B, M), dev[B * M:B * M + B], dev[B * M + B:]
+        dev.copy_to_device(host)
+        return table, lens, flag
+
+    def _new_metadata(self, B, M):
+        cuda = self._cuda
+        n = B * M + B + 1
+        host = cuda.pinned_array(n, np.int32)
+        dev = cuda.device_array(n, np.int32)
+        return host, dev[:B * M].reshape(B, M), dev[B * M:B * M + B], dev[B * M + B:], dev
+
+    def _cached(self, key, make):
+        """Per-thread scratch kept across calls (the few most recent keys)."""
+        cache = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = collections.OrderedDict()
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        val = cache[key] = make()
+        if len(cache) > _SCRATCH_KEEP:
+            cache.popitem(last=False)
+        return val
 
     @staticmethod
     def _check(flag, cfg):
