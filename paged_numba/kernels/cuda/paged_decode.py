@@ -68,6 +68,21 @@ def _load_tile(k, v, slot_s, tid, base, ntok, kbuf, vbuf, NT, LPT, TW, W):
             vbuf[j] = 0
 
 
+@cuda.jit(device=True, inline=True)
+def _row_slice(tile, o, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code):
+    """This lane's elements (tx + TX * cc) * E + e of the tile row starting at word o, decoded into
+    xs[cc * E + e] (zeros past the row)."""
+    for cc in range(WPL):
+        w = tx + TX * cc
+        if EXACT or w < W:
+            word = tile[np.uint64(o + w)]
+            for e in range(E):
+                xs[cc * E + e] = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
+        else:
+            for e in range(E):
+                xs[cc * E + e] = 0.0
+
+
 @functools.cache
 def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TX: int,
                   NT: int, R: int, PT: int, TT: int, MAXREG: int = 0):
@@ -159,6 +174,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         kbuf = cuda.local.array(LPT, WDT)
         vbuf = cuda.local.array(LPT, WDT)
         sc = cuda.local.array(SC_N, float32)
+        xs = cuda.local.array(EPL, float32)    # one tile row's slice, decoded
         cuda.syncthreads()
 
         # Software pipeline: the loads of tile i + 1 are in flight while tile i is used from shared
@@ -179,15 +195,10 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             for i in range(SC_N):
                 sc[i] = 0.0
             for j in range(TPS):
-                o = (tz + NZ * j) * W
-                for cc in range(WPL):
-                    w = tx + TX * cc
-                    if EXACT or w < W:
-                        word = ks[np.uint64(o + w)]
-                        for e in range(E):
-                            x = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
-                            for r in range(R):
-                                sc[j * R + r] += x * qreg[r * EPL + cc * E + e]
+                _row_slice(ks, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code)
+                for i in range(EPL):
+                    for r in range(R):
+                        sc[j * R + r] += xs[i] * qreg[r * EPL + i]
             if SHFL:
                 for sh in range(LOG_TX):
                     for i in range(SC_N):
@@ -228,15 +239,10 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                     sc[j * R + r] = p
                     lsum[r] += p
             for j in range(TPS):
-                o = (tz + NZ * j) * W
-                for cc in range(WPL):
-                    w = tx + TX * cc
-                    if EXACT or w < W:
-                        word = vs[np.uint64(o + w)]
-                        for e in range(E):
-                            x = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
-                            for r in range(R):
-                                acc[r * EPL + cc * E + e] += sc[j * R + r] * x
+                _row_slice(vs, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code)
+                for i in range(EPL):
+                    for r in range(R):
+                        acc[r * EPL + i] += sc[j * R + r] * xs[i]
 
         # Merge the slots of a warp (butterfly over the slot bits of the lane), then the warps.
         if SHFL:
