@@ -154,13 +154,7 @@ class CudaClient(Client):
             return out, lse
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _word_dtype(D * kd.itemsize)
-        N, bs, Hkv = cfg.kv_shape[:3]
-        rows = cfg.G * cfg.Sq
-        R = _decode_rows(rows)
-        n_rc = -(-rows // R)
-        rows_blocks = cfg.B * cfg.Hkv * n_rc
-        PT = self._partition(cfg.max_len, rows_blocks)
-        n_parts = max(1, -(-cfg.max_len // PT))
+        bs, Hkv = cfg.kv_shape[1:3]
         table, lens, flag = self._metadata(cfg)
         if cfg.Sq > _DECODE_MAX_SQ:
             from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
@@ -173,6 +167,10 @@ class CudaClient(Client):
                                                           cfg.causal, out, lse, flag)
             self._check(flag, cfg)
             return out, lse
+        rows = cfg.G * cfg.Sq
+        rows_blocks = cfg.B * Hkv * -(-rows // _decode_rows(rows))
+        PT = self._partition(cfg.max_len, rows_blocks)
+        n_parts = max(1, -(-cfg.max_len // PT))
         geo = decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
         NT = geo["NT"]
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo)
