@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import paged_numba as pn
-from conftest import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, assert_unchanged, is_sim, make_case,
+from helpers import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, assert_unchanged, is_sim, make_case,
                       skip_if_too_big_for_sim, snapshot)
 from paged_numba.ops.reference import gather_kv, paged_attention_bwd_ref, to_float64
 

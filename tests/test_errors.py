@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from paged_numba.ops.config import bwd_config, fwd_config, fwd_fp8_config
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import paged_numba as pn
-from conftest import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, assert_fwd_close, assert_unchanged,
+from helpers import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, assert_fwd_close, assert_unchanged,
                       is_sim, make_case, reference, skip_if_too_big_for_sim, snapshot)
 
 HEADS = [(4, 4), (8, 2), (6, 1)]          # (H, Hkv): MHA, GQA (G = 4), MQA (G = 6)

@@ -5,7 +5,7 @@ K / V are FP8 (E4M3 or E5M2), given as ml_dtypes arrays or as raw ``uint8`` code
 ``fp8_format``; q is F32, F16, BF16 or FP8 of the same format. Every scale dequantizes by
 multiplication and the stored output is o / o_scale in q's dtype, so:
 
-- float q: out (q's dtype) against the oracle with conftest's per-dtype tolerances;
+- float q: out (q's dtype) against the oracle with helpers.py's per-dtype tolerances;
 - FP8 q: out is an ml_dtypes FP8 array; its decoded values must be one of the two FP8 neighbours of
   the oracle's value (saturated to +-max), and equal ``quantize_fp8(ref)`` unless the reference sits
   on a rounding tie (float32 accumulation may land on either side of it);
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import (BF16, F16, F32, assert_fwd_close, assert_unchanged, is_sim, make_case,
+from helpers import (BF16, F16, F32, assert_fwd_close, assert_unchanged, is_sim, make_case,
                       skip_if_too_big_for_sim, snapshot)
 from paged_numba.ops.reference import paged_attention_fwd_fp8_ref, quantize_fp8
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import BF16, F16, F32, OUT_TOL, assert_unchanged, is_sim, snapshot
+from helpers import BF16, F16, F32, OUT_TOL, assert_unchanged, is_sim, snapshot
 
 SIM_OK = True  # shapes are tiny; the random-operations test runs fewer steps on the simulator
 

@@ -4,6 +4,7 @@ The module is loaded by file path so these tests run whether or not the package 
 """
 import importlib.util
 import math
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -100,7 +101,7 @@ def assert_matches_dense(out, lse, q, Ks, Vs, lens, causal, scale=None):
 @pytest.mark.parametrize("bs", [1, 3, 16])
 @pytest.mark.parametrize("Sq", [1, 5])
 def test_forward_matches_dense(H, Hkv, causal, bs, Sq):
-    rng = np.random.default_rng(hash((H, Hkv, causal, bs, Sq)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((H, Hkv, causal, bs, Sq)).encode()))
     lens = [0, 3, 17, 40]                        # L_b = 0 and Sq > L_b included
     q, kp, vp, table, lens, Ks, Vs = make_case(rng, 4, H, Hkv, Sq, 8, bs, lens)
     out, lse = ref.paged_attention_fwd_ref(q, kp, vp, table, seq_lens=lens, causal=causal)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import RUNTIMES, cudasim_enabled, make_case
+from helpers import RUNTIMES, cudasim_enabled, make_case
 from paged_numba import runtime as registry
 from paged_numba.runtime.cpu import CpuRuntime
 

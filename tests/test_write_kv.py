@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from conftest import BF16, F16, F32, assert_unchanged, snapshot
+from helpers import BF16, F16, F32, assert_unchanged, snapshot
 
 SIM_OK = True  # every case here is small enough for the CUDA simulator
 
