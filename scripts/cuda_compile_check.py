@@ -120,6 +120,15 @@ def specializations(quick: bool = False, partitions=None) -> list:
                     specs.append(dict(base, PT=PT, factory=dict(common, PT=PT, **geo),
                                       spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
                                       + f" PT={PT}"))
+    for D in HEAD_DIMS:   # the tensor-core prefill: F16 / BF16, head dims that are multiples of 16
+        if D % 16:
+            continue
+        NW, MT, BK = client.mma_tiles(D, False)
+        for name in ("f16", "bf16"):
+            dt = dts[name]
+            specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=name, out=name, PT=None,
+                              factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT),
+                              spec=f"D={D} {name} NW={NW} MT={MT} BK={BK}"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -186,6 +195,11 @@ def _signature(spec):
         return nt.void(pool, pool, src, src, arr("int64", 1), nt.float32, nt.float32)
     if spec["kernel"] == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
+    if spec["kernel"] == "prefill_mma":  # flat uint16 q / k / v, out as uint32 pairs, flat lse
+        u16 = arr("uint16", 1)
+        return nt.void(u16, u16, u16, arr("int32", 2), arr("int32", 1), nt.int64, nt.int64, nt.int64,
+                       nt.int64, nt.float64, nt.float64, nt.boolean, arr("uint32", 1), arr(f32, 1),
+                       arr("int32", 1))
     q, word, table, lens = arr(spec["q_storage"], 4), spec["word"], arr("int32", 2), arr("int32", 1)
     tail = (nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
     if spec["kernel"] == "tiled":
@@ -342,6 +356,9 @@ def _factory(spec):
     if spec["kernel"] == "tiled":
         from paged_numba.kernels.cuda.paged_attention import tiled_kernel
         return tiled_kernel(**spec["factory"])
+    if spec["kernel"] == "prefill_mma":
+        from paged_numba.kernels.cuda.paged_prefill import prefill_kernel
+        return prefill_kernel(**spec["factory"])
     if spec["kernel"].startswith("bwd_"):
         from paged_numba.kernels.cuda import paged_attention_bwd as bwd
         factory = {"bwd_delta": bwd.delta_kernel, "bwd_dkdv": bwd.dkdv_kernel, "bwd_dq": bwd.dq_kernel,

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from ..errors import RuntimeUnavailableError
-from ..dtypes import F32
+from ..dtypes import BF16, F16, F32
 from .base import Client, Device, Runtime
 
 _FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'paged-numba[cuda13]' or "
@@ -25,6 +25,7 @@ _DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in r
 _DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
 _SCRATCH_KEEP = 8    # scratch buffers kept per thread (metadata per (B, M), split-K partials per shape)
 _DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
+_STATIC_SMEM = 48 * 1024  # dynamic shared memory above this needs the kernel's opt-in attribute
 
 
 def _import_cuda():
@@ -87,11 +88,25 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
     return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
+def mma_tiles(D: int, sim: bool) -> tuple:
+    """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
+    for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
+    (``paged_prefill.smem_bytes``: 87 KB at D 128). The simulator runs 2 warps of 16-key tiles."""
+    if sim:
+        return 2, 1, 16
+    return 4, 1, (64 if D <= 128 else 32)
+
+
 class CudaClient(Client):
+    #: F16 / BF16 prefill (Sq > 4, head dims multiple of 16) on tensor cores; False: the SIMT
+    #: tiled kernel (kept for head dims that are not multiples of 16, and for comparisons).
+    prefill_mma = True
+
     def __init__(self, runtime):
         self.runtime = runtime
         self._cuda = runtime._cuda
         self._local = threading.local()
+        self._smem_opt_in = set()
 
     def run_fwd(self, cfg, q, k, v):
         return self._forward(cfg, q, k, v, cfg.scale, 1.0)
@@ -156,6 +171,18 @@ class CudaClient(Client):
         wdt = _word_dtype(D * kd.itemsize)
         bs, Hkv = cfg.kv_shape[1:3]
         table, lens, flag = self._metadata(cfg)
+        if cfg.Sq > _DECODE_MAX_SQ and self._mma_prefill_ok(cfg, q, k, v):
+            from ..kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
+
+            NW, MT, BK = mma_tiles(D, rt.simulator)
+            kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT)
+            args = (q.reshape(q.size), k.reshape(k.size), v.reshape(v.size), table, lens, cfg.H, cfg.Sq,
+                    bs, Hkv, qk_scale, out_scale, cfg.causal, out.reshape(out.size).view(np.uint32),
+                    lse.reshape(lse.size), flag)
+            grid = (cfg.B * Hkv, -(-cfg.G * cfg.Sq // (16 * MT * NW)))
+            self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT), args)
+            self._check(flag, cfg)
+            return out, lse
         if cfg.Sq > _DECODE_MAX_SQ:
             from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
@@ -190,6 +217,32 @@ class CudaClient(Client):
             merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
         self._check(flag, cfg)
         return out, lse
+
+    def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
+        """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype, head dims that
+        are multiples of 16 and 16-byte aligned q / K / V (cp.async copies 16 bytes)."""
+        code = cfg.q_dtype.code
+        if not (self.prefill_mma and code in (F16, BF16) and cfg.kv_dtype.code == code and cfg.D % 16 == 0):
+            return False
+        if self.runtime.simulator:
+            return True
+        return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
+
+    def _launch(self, kern, grid, block, smem, args):
+        """Launch ``kern`` with ``smem`` bytes of dynamic shared memory, first opting the compiled
+        kernel in to more than 48 KB (numba has no API for the attribute: it is set through the
+        driver, once per compiled kernel)."""
+        if smem > _STATIC_SMEM and not self.runtime.simulator:
+            compiled = kern.compile(tuple(kern.typeof_pyval(a) for a in args))
+            if id(compiled) not in self._smem_opt_in:
+                from numba.cuda.cudadrv.driver import binding, driver
+
+                cufunc = compiled._codelibrary.get_cufunc()
+                attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+                driver.cuKernelSetAttribute(attr, int(limit), cufunc.handle, cufunc.device.id)
+                self._smem_opt_in.add(id(compiled))
+        kern[grid, block, 0, smem](*args)
 
     def _metadata(self, cfg):
         """(table [B, M], seq_lens [B], flag [1]) on the device, uploaded in one synchronous copy

@@ -1,0 +1,295 @@
+"""Paged-attention prefill on tensor cores (FlashAttention-2 structure over a block table), for
+F16 / BF16 q and K/V and head dims that are multiples of 16.
+
+Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequence, D head_dim,
+N physical blocks, bs block_size, M max blocks per sequence; R = G * Sq query rows per
+(sequence, KV head); BQ = 16 * NW rows per thread block, BK keys per tile, DP = D + 8.
+
+``prefill_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
+
+- ``q``        flat uint16 [B * H * Sq * D]: the bits of q [B, H, Sq, D]
+- ``k``, ``v`` flat uint16 [N * bs * Hkv * D]: the bits of the pools [N, bs, Hkv, D]
+- ``table``    int32 [B, M]: token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
+- ``seq_lens`` int32 [B]; ``H``, ``Sq``, ``bs``, ``Hkv`` the sizes; ``qk_scale`` multiplies q . k,
+  ``out_scale`` the output; ``causal`` bottom-right aligned
+- ``out``      flat uint32 [B * H * Sq * D / 2]: out [B, H, Sq, D] as pairs of 16-bit elements
+- ``lse``      float32 [B, H, Sq] (natural log); ``flag`` int32 [1], set when a visible score is
+  not finite (the client raises)
+
+Grid (B * Hkv, ceil(R / BQ)), 32 * NW threads. A block owns BQ rows of one (sequence, KV head):
+row r is query ``r // G`` of head ``kvh * G + r % G``, so the GQA group's rows share every K/V
+tile. Each warp owns 16 rows: their Q fragments stay in registers for the whole walk (head dims
+up to 128; above, they are re-read from shared memory per tile to keep registers for O). K / V tiles
+of BK tokens are gathered through the block table with 16-byte ``cp.async`` copies into shared
+memory (rows padded to DP so ``ldmatrix`` is free of bank conflicts), double buffered: the copy of
+tile j + 1 runs while the block computes on tile j. Per tile, S = Q K^T on ``mma.sync``
+(K fragments by ``ldmatrix``), the online softmax in registers (base 2; row max and sum over a
+quad's 4 lanes), P repacked from the S accumulators into A fragments without leaving registers,
+and O += P V (V fragments by ``ldmatrix.trans``). Tokens at or past the block's last visible key
+are zero-filled, never read, so NaN in unused slots cannot reach a result; key tiles past the
+causal limit are skipped, tiles that cross a row's limit are masked. Row tiles are scheduled
+heaviest (latest queries) first. The layout addressing is confined to ``q_row`` / ``lse_row`` so
+that ragged batches (a per-sequence query start and length) only change those two helpers.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, uint16, uint32
+
+from .codecs import SIM
+from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
+                  quad_max, quad_sum, udiv32)
+from .paged_decode import LN2, LOG2E
+
+
+@cuda.jit(device=True, inline=True)
+def q_row(b, h, i, H, Sq, D):
+    """Element offset of row (b, h, i) of a [B, H, Sq, D] array."""
+    return ((np.int64(b) * H + h) * Sq + i) * D
+
+
+@cuda.jit(device=True, inline=True)
+def lse_row(b, h, i, H, Sq):
+    return (np.int64(b) * H + h) * Sq + i
+
+
+@cuda.jit(device=True, inline=True)
+def _resolve(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK):
+    """Threads 0 .. BK - 1 write into ``slots`` the pool row (slot * Hkv + kvh) of token k0 + tid
+    (-1 from kend on): one table read and one 32-bit division per token and tile."""
+    if tid < BK:
+        t = np.uint32(k0 + tid)
+        x = int32(-1)
+        if t < kend:
+            blk = udiv32(t, np.uint32(bs))
+            x = int32((table[b, blk] * bs + int32(t - blk * np.uint32(bs))) * Hkv + kvh)
+        slots[tid] = x
+
+
+@cuda.jit(device=True, inline=True)
+def _load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DP):
+    """Start the 16-byte copies of the K and V rows of a tile's tokens (pool rows in ``slots``,
+    -1: a zero row) into the tile buffers at koff / voff."""
+    CH = D // 8
+    for c in range(tid, BK * CH, NT):
+        j = c // CH
+        ch = c % CH
+        row = slots[j]
+        src = np.int64(0)
+        n = 0
+        if row >= 0:
+            src = np.int64(row) * D + ch * 8
+            n = 16
+        dst = j * DP + ch * 8
+        cp_async16(sm, koff + dst, k, src, n)
+        cp_async16(sm, voff + dst, v, src, n)
+
+
+@functools.cache
+def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
+    """The tensor-core prefill for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16
+    code: q, K/V and out), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys
+    per tile (a multiple of 16)."""
+    NT = 32 * NW
+    WR = 16 * MT                 # rows per warp
+    BQ = WR * NW
+    DP = D + 8
+    KS = D // 16                 # k-steps of S = Q K^T
+    NS = BK // 8                 # n-tiles of S
+    NO = D // 8                  # n-tiles of O
+    TILE = BK * DP
+    KOFF = BQ * DP               # smem (uint16 elements): Q | K0 K1 | V0 V1
+    VOFF = KOFF + 2 * TILE
+    NEG_INF = float32(-np.inf)
+    CH = D // 8
+    Q_REGS = MT == 1 and D <= 128   # Q fragments kept in registers; else re-read per k-step
+    QF_N = KS * 4 if Q_REGS else 4 * MT
+    S1, O1, P1 = NS * 4, NO * 4, BK // 4   # per m-tile: S / O accumulators, P fragments
+    S_N, O_N, P_N, R_N = MT * S1, MT * O1, MT * P1, 2 * MT
+
+    @cuda.jit(cache=True)
+    def kernel(q, k, v, table, seq_lens, H, Sq, bs, Hkv, qk_scale, out_scale, causal, out, lse, flag):
+        sm = cuda.shared.array(0, uint16)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        w = tid // 32
+        g = lane // 4
+        t4 = lane % 4
+        l8 = lane % 8
+        m8 = lane // 8
+        uG = np.uint32(H // Hkv)
+        b = cuda.blockIdx.x // Hkv
+        kvh = cuda.blockIdx.x % Hkv
+        R = np.uint32(uG * Sq)
+        tile = cuda.gridDim.y - 1 - cuda.blockIdx.y      # heaviest row tiles first
+        R0 = np.uint32(tile * BQ)
+        L = seq_lens[b]
+
+        # Row limits (exclusive key bound) of this thread's 2 * MT rows and of the block.
+        lim = cuda.local.array(R_N, int32)
+        for rr in range(R_N):
+            r = R0 + np.uint32(w * WR + 16 * (rr // 2) + g + 8 * (rr % 2))
+            x = 0
+            if r < R:
+                x = L
+                if causal:
+                    x = min(L, max(0, L - Sq + int32(udiv32(r, uG)) + 1))
+            lim[rr] = x
+        r_last = min(R, R0 + np.uint32(BQ)) - np.uint32(1)
+        kend = L
+        kfull = L                               # keys below this are visible to every row
+        if causal:
+            kend = min(L, max(0, L - Sq + int32(udiv32(r_last, uG)) + 1))
+            kfull = min(L, max(0, L - Sq + int32(udiv32(R0, uG)) + 1))
+        n_tiles = (kend + BK - 1) // BK
+
+        for c in range(tid, BQ * CH, NT):
+            row = c // CH
+            ch = c % CH
+            r = R0 + np.uint32(row)
+            src = np.int64(0)
+            n = 0
+            if r < R:
+                i = udiv32(r, uG)
+                src = q_row(b, kvh * uG + (r - i * uG), i, H, Sq, D) + ch * 8
+                n = 16
+            cp_async16(sm, row * DP + ch * 8, q, src, n)
+        # Pool rows of each tile's tokens, resolved two tiles ahead into a ring of 3 slot lists.
+        slots = cuda.shared.array((3, BK), int32)
+        _resolve(slots[0], table, b, kvh, 0, kend, bs, Hkv, tid, BK)
+        _resolve(slots[1], table, b, kvh, BK, kend, bs, Hkv, tid, BK)
+        cuda.syncthreads()
+        if n_tiles > 0:
+            _load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DP)
+        cp_async_commit()
+        cp_async_wait_all()
+        cuda.syncthreads()
+
+        qf = cuda.local.array(QF_N, uint32)
+        qa = (w * WR + l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)      # this lane's Q fragment row
+        if Q_REGS:
+            for ks in range(KS):
+                ldsm_x4(qf, ks * 4, sm, qa + ks * 16)
+        ka = (l8 + 8 * (m8 // 2)) * DP + 8 * (m8 % 2)               # ... of K (rows = keys)
+        va = (l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)               # ... of V (.trans)
+        kf = cuda.local.array(4, uint32)
+        pf = cuda.local.array(P_N, uint32)
+        s = cuda.local.array(S_N, float32)
+        o = cuda.local.array(O_N, float32)
+        m = cuda.local.array(R_N, float32)
+        lsum = cuda.local.array(R_N, float32)
+        for i in range(O_N):
+            o[i] = 0.0
+        for rr in range(R_N):
+            m[rr] = NEG_INF
+            lsum[rr] = 0.0
+        c2 = float32(qk_scale * LOG2E)
+        amax = cuda.local.array(R_N, float32)
+        for rr in range(R_N):
+            amax[rr] = 0.0
+
+        for it in range(n_tiles):
+            cp_async_wait_all()
+            cuda.syncthreads()          # tile it landed for everyone; tile it - 1 consumed
+            k0 = it * BK
+            if it + 1 < n_tiles:
+                nb = (it + 1) % 2
+                _load_kv(sm, k, v, slots[(it + 1) % 3], KOFF + nb * TILE, VOFF + nb * TILE, tid, NT, BK, D, DP)
+            cp_async_commit()
+            if it + 2 < n_tiles:   # read after the next iteration's syncthreads
+                _resolve(slots[(it + 2) % 3], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
+            kb = KOFF + (it % 2) * TILE + ka
+            vb = VOFF + (it % 2) * TILE + va
+
+            for i in range(S_N):
+                s[i] = 0.0
+            for ks in range(KS):
+                if not Q_REGS:
+                    for mt in range(MT):
+                        ldsm_x4(qf, mt * 4, sm, qa + mt * 16 * DP + ks * 16)
+                for np2 in range(NS // 2):
+                    ldsm_x4(kf, 0, sm, kb + np2 * 16 * DP + ks * 16)
+                    for mt in range(MT):
+                        qs = ks * 4 if Q_REGS else mt * 4
+                        mma(kind, s, mt * S1 + np2 * 8, qf, qs, kf, 0)
+                        mma(kind, s, mt * S1 + np2 * 8 + 4, qf, qs, kf, 2)
+
+            # Online softmax in base 2 with the scale folded in: p = 2 ** (s * c2 - m). Visible
+            # scores that are not finite show as amax * c2 = inf (+-inf, overflow) or a NaN sum (NaN).
+            masked = k0 + BK > kfull
+            for rr in range(R_N):
+                so = (rr // 2) * S1 + 2 * (rr % 2)
+                mx = NEG_INF
+                if masked:
+                    lr = lim[rr] - k0 - 2 * t4       # keys of this row: nt * 8 + e < lr
+                    for nt in range(NS):
+                        for e in range(2):
+                            x = s[so + nt * 4 + e]
+                            vis = nt * 8 + e < lr
+                            amax[rr] = max(amax[rr], abs(x if vis else float32(0.0)))
+                            x = x if vis else NEG_INF
+                            s[so + nt * 4 + e] = x
+                            mx = max(mx, x)
+                else:
+                    for nt in range(NS):
+                        for e in range(2):
+                            x = s[so + nt * 4 + e]
+                            amax[rr] = max(amax[rr], abs(x))
+                            mx = max(mx, x)
+                mnew = max(m[rr], quad_max(mx) * c2)
+                ms = mnew if mnew > NEG_INF else float32(0.0)
+                alpha = exp2_approx(m[rr] - ms)
+                m[rr] = mnew
+                part = float32(0.0)
+                for nt in range(NS):
+                    for e in range(2):
+                        p = exp2_approx(s[so + nt * 4 + e] * c2 - ms)
+                        s[so + nt * 4 + e] = p
+                        part += p
+                lsum[rr] = lsum[rr] * alpha + part
+                oo = (rr // 2) * O1 + 2 * (rr % 2)
+                for dt in range(NO):
+                    o[oo + dt * 4] *= alpha
+                    o[oo + dt * 4 + 1] *= alpha
+            for mt in range(MT):
+                for kk in range(BK // 16):
+                    for j in range(4):
+                        src = mt * S1 + (2 * kk + j // 2) * 4 + 2 * (j % 2)
+                        pf[mt * P1 + kk * 4 + j] = pack2(kind, s[src], s[src + 1])
+            for dp in range(D // 16):
+                for kk in range(BK // 16):
+                    ldsm_x4_t(kf, 0, sm, vb + kk * 16 * DP + dp * 16)
+                    for mt in range(MT):
+                        mma(kind, o, mt * O1 + dp * 8, pf, mt * P1 + kk * 4, kf, 0)
+                        mma(kind, o, mt * O1 + dp * 8 + 4, pf, mt * P1 + kk * 4, kf, 2)
+
+        bad = False
+        for rr in range(R_N):
+            bad |= not (amax[rr] * c2 < np.inf and lsum[rr] == lsum[rr])
+        if bad:
+            flag[0] = 1
+        for rr in range(R_N):
+            tot = quad_sum(lsum[rr])
+            r = R0 + np.uint32(w * WR + 16 * (rr // 2) + g + 8 * (rr % 2))
+            if r < R:
+                i = udiv32(r, uG)
+                h = kvh * uG + (r - i * uG)
+                inv = float32(0.0)
+                if tot > 0:
+                    inv = float32(out_scale) / tot
+                base = q_row(b, h, i, H, Sq, D) // 2
+                oo = (rr // 2) * O1 + 2 * (rr % 2)
+                for dt in range(NO):
+                    out[base + dt * 4 + t4] = pack2(kind, o[oo + dt * 4] * inv, o[oo + dt * 4 + 1] * inv)
+                if t4 == 0:
+                    lse[lse_row(b, h, i, H, Sq)] = (m[rr] + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
+
+    return kernel
+
+
+def smem_bytes(D: int, NW: int, BK: int, MT: int = 1) -> int:
+    """Dynamic shared memory of ``prefill_kernel(D, kind, NW, BK, MT)``: Q, two K and two V tiles."""
+    return (16 * MT * NW + 4 * BK) * (D + 8) * 2

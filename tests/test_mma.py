@@ -1,0 +1,111 @@
+"""The tensor-core primitives of ``kernels/cuda/mma.py``, one warp at a time: cp.async (with its
+zero fill), ldmatrix x4 (plain and .trans), mma m16n8k16 for BF16 and F16, pack2 and the quad
+reductions. On a GPU these are the inline-PTX instructions; on the CUDA simulator their twins --
+the same fragment semantics, so the same probe kernel must give the same products."""
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from helpers import RUNTIMES, seed_of
+
+SIM_OK = True
+
+pytestmark = pytest.mark.skipif("cuda" not in RUNTIMES, reason="no CUDA runtime (GPU or simulator)")
+
+
+if "cuda" in RUNTIMES:
+    from numba import cuda, float32, uint16, uint32
+
+    from paged_numba.kernels.cuda.mma import (cp_async16, cp_async_commit, cp_async_wait_all, ldsm_x4,
+                                              ldsm_x4_t, mma, pack2, quad_max, quad_sum)
+
+
+@functools.cache
+def _probe(kind):
+    @cuda.jit
+    def probe(a, bt, bk, out_nt, out_t, packed, red, zero):
+        # a [16, 16], bt [16 (n), 16 (k)], bk [16 (k), 16 (n)] as uint16 bits; 8 halves per copy.
+        sm = cuda.shared.array(0, uint16)
+        lane = cuda.threadIdx.x
+        for c in range(lane, 3 * 32, 32):           # 3 matrices x 32 chunks of 16 bytes
+            mat = c // 32
+            r = (c % 32) // 2
+            half = c % 2
+            src = a if mat == 0 else (bt if mat == 1 else bk)
+            cp_async16(sm, mat * 256 + r * 16 + half * 8, src, r * 16 + half * 8, 16)
+        cp_async16(sm, 3 * 256 + lane * 8, a, 0, 0)  # zero fill: 32 lanes x 8 halves
+        cp_async_commit()
+        cp_async_wait_all()
+        cuda.syncthreads()
+        fa = cuda.local.array(4, uint32)
+        fb = cuda.local.array(4, uint32)
+        acc = cuda.local.array(8, float32)
+        g = lane // 4
+        t = lane % 4
+        i = lane // 8
+        r = lane % 8
+        ldsm_x4(fa, 0, sm, (r + 8 * (i % 2)) * 16 + 8 * (i // 2))
+        # B from [n][k] rows (like K): matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...)
+        ldsm_x4(fb, 0, sm, 256 + (r + 8 * (i // 2)) * 16 + 8 * (i % 2))
+        for j in range(8):
+            acc[j] = 0.0
+        mma(kind, acc, 0, fa, 0, fb, 0)
+        mma(kind, acc, 4, fa, 0, fb, 2)
+        for nt in range(2):
+            for j in range(4):
+                out_nt[g + 8 * (j // 2), nt * 8 + 2 * t + j % 2] = acc[nt * 4 + j]
+        # B from [k][n] rows (like V) through .trans: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), ...
+        ldsm_x4_t(fb, 0, sm, 512 + (r + 8 * (i % 2)) * 16 + 8 * (i // 2))
+        for j in range(8):
+            acc[j] = 1.0                              # accumulates onto C = 1
+        mma(kind, acc, 0, fa, 0, fb, 0)
+        mma(kind, acc, 4, fa, 0, fb, 2)
+        for nt in range(2):
+            for j in range(4):
+                out_t[g + 8 * (j // 2), nt * 8 + 2 * t + j % 2] = acc[nt * 4 + j]
+        packed[lane] = pack2(kind, float32(lane) * float32(0.3), float32(lane) * float32(-1.7))
+        red[lane, 0] = quad_max(float32(lane * 7 % 11))
+        red[lane, 1] = quad_sum(float32(lane))
+        z = 0
+        for e in range(8):
+            z |= sm[3 * 256 + lane * 8 + e]
+        zero[lane] = z
+
+    return probe
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_primitives(kind):
+    from paged_numba.dtypes import BF16, F16
+
+    npdt = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}[kind]
+    code = {"bf16": BF16, "f16": F16}[kind]
+    rng = np.random.default_rng(seed_of("mma", kind))
+    A = rng.standard_normal((16, 16)).astype(npdt)
+    Bm = rng.standard_normal((16, 16)).astype(npdt)          # B [k, n]
+    a = A.view(np.uint16).reshape(-1)                        # flat: the primitives index 1-D arrays
+    bt = np.ascontiguousarray(Bm.T).view(np.uint16).reshape(-1)   # [n, k]
+    bk = np.ascontiguousarray(Bm).view(np.uint16).reshape(-1)     # [k, n]
+    out_nt = np.zeros((16, 16), np.float32)
+    out_t = np.zeros((16, 16), np.float32)
+    packed = np.zeros(32, np.uint32)
+    red = np.zeros((32, 2), np.float32)
+    zero = np.full(32, 7, np.int64)
+    args = [cuda.to_device(x) for x in (a, bt, bk, out_nt, out_t, packed, red, zero)]
+    _probe(code)[1, 32, 0, 4 * 256 * 2](*args)
+    out_nt, out_t, packed, red, zero = (x.copy_to_host() for x in args[3:])
+    ref = A.astype(np.float64) @ Bm.astype(np.float64)
+    np.testing.assert_allclose(out_nt, ref, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(out_t, ref + 1.0, atol=1e-4, rtol=1e-5)
+    lanes = np.arange(32, dtype=np.float32)
+    lo = (lanes * np.float32(0.3)).astype(npdt).view(np.uint16).astype(np.uint32)
+    hi = (lanes * np.float32(-1.7)).astype(npdt).view(np.uint16).astype(np.uint32)
+    np.testing.assert_array_equal(packed, lo | (hi << 16))
+    v = (np.arange(32) * 7 % 11).astype(np.float32).reshape(8, 4)
+    np.testing.assert_array_equal(red[:, 0], np.repeat(v.max(axis=1), 4))
+    np.testing.assert_array_equal(red[:, 1], np.repeat(lanes.reshape(8, 4).sum(axis=1), 4))
+    np.testing.assert_array_equal(zero, 0)
