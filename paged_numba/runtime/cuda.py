@@ -239,7 +239,8 @@ class CudaClient(Client):
 
                 cufunc = compiled._codelibrary.get_cufunc()
                 attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-                limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+                # the opt-in limit covers static and dynamic shared memory together
+                limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN - cufunc.attrs.shared
                 driver.cuKernelSetAttribute(attr, int(limit), cufunc.handle, cufunc.device.id)
                 self._smem_opt_in.add(id(compiled))
         kern[grid, block, 0, smem](*args)
