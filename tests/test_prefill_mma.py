@@ -42,9 +42,20 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["default", "2-warps-mt1"])
+def tiles(request, monkeypatch):
+    """The client's tiles, and 2 warps of one m-tile each (Q fragments in registers) -- the other
+    structure the GPU table uses."""
+    if request.param != "default":
+        from paged_numba.runtime import cuda as cuda_rt
+        sim = pn.get_runtime("cuda").simulator
+        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s: (2, 1, 16) if sim else (4, 1, 64))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_mma_prefill_parity(spy, dtype, case):
+def test_mma_prefill_parity(spy, tiles, dtype, case):
     B, H, Hkv, Sq, D, bs, lens, causal, shared = case
     rng = np.random.default_rng(seed_of("mma-prefill", str(dtype), IDS[CASES.index(case)]))
     q, k, v, bt, sl = make_case(rng, B, H, Hkv, Sq, D, bs, lens, dtype, shared=shared)

@@ -91,10 +91,16 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
 def mma_tiles(D: int, sim: bool) -> tuple:
     """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
     for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
-    (``paged_prefill.smem_bytes``: 87 KB at D 128). The simulator runs 2 warps of 16-key tiles."""
+    (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
+    shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
+    fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; D 256: 16 rows per warp
+    (the O accumulators take 128 registers). The simulator runs 1 warp of 2 m-tiles over 16-key
+    tiles (tests swap in other tiles to cover several warps)."""
     if sim:
-        return 2, 1, 16
-    return 4, 1, (64 if D <= 128 else 32)
+        return 1, 2, 16
+    if D <= 128:
+        return 4, 2, 32
+    return 4, 1, 32
 
 
 class CudaClient(Client):
@@ -106,7 +112,7 @@ class CudaClient(Client):
         self.runtime = runtime
         self._cuda = runtime._cuda
         self._local = threading.local()
-        self._smem_opt_in = set()
+        self._smem_opt_in = {}     # id(dispatcher) -> its overloads when the last one opted in
 
     def run_fwd(self, cfg, q, k, v):
         return self._forward(cfg, q, k, v, cfg.scale, 1.0)
@@ -229,20 +235,21 @@ class CudaClient(Client):
         return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
 
     def _launch(self, kern, grid, block, smem, args):
-        """Launch ``kern`` with ``smem`` bytes of dynamic shared memory, first opting the compiled
-        kernel in to more than 48 KB (numba has no API for the attribute: it is set through the
-        driver, once per compiled kernel)."""
-        if smem > _STATIC_SMEM and not self.runtime.simulator:
-            compiled = kern.compile(tuple(kern.typeof_pyval(a) for a in args))
-            if id(compiled) not in self._smem_opt_in:
-                from numba.cuda.cudadrv.driver import binding, driver
+        """Launch ``kern`` with ``smem`` bytes of dynamic shared memory. Above 48 KB the compiled
+        kernel must opt in first (numba has no API for the attribute: it is set through the
+        driver, once per compiled kernel; the argument types are looked up only while a
+        dispatcher has kernels that have not opted in)."""
+        if smem > _STATIC_SMEM and not self.runtime.simulator and \
+                self._smem_opt_in.get(id(kern)) != len(kern.overloads):
+            from numba.cuda.cudadrv.driver import binding, driver
 
-                cufunc = compiled._codelibrary.get_cufunc()
-                attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-                # the opt-in limit covers static and dynamic shared memory together
-                limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN - cufunc.attrs.shared
-                driver.cuKernelSetAttribute(attr, int(limit), cufunc.handle, cufunc.device.id)
-                self._smem_opt_in.add(id(compiled))
+            compiled = kern.compile(tuple(kern.typeof_pyval(a) for a in args))
+            cufunc = compiled._codelibrary.get_cufunc()
+            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            # the opt-in limit covers static and dynamic shared memory together
+            limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN - cufunc.attrs.shared
+            driver.cuKernelSetAttribute(attr, int(limit), cufunc.handle, cufunc.device.id)
+            self._smem_opt_in[id(kern)] = len(kern.overloads)
         kern[grid, block, 0, smem](*args)
 
     def _metadata(self, cfg):

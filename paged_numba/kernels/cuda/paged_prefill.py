@@ -74,7 +74,10 @@ def _load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DP):
     """Start the 16-byte copies of the K and V rows of a tile's tokens (pool rows in ``slots``,
     -1: a zero row) into the tile buffers at koff / voff."""
     CH = D // 8
-    for c in range(tid, BK * CH, NT):
+    for i in range((BK * CH + NT - 1) // NT):    # a compile-time trip count: unrolled
+        c = tid + NT * i
+        if BK * CH % NT and c >= BK * CH:
+            break
         j = c // CH
         ch = c % CH
         row = slots[j]
@@ -187,22 +190,24 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
             m[rr] = NEG_INF
             lsum[rr] = 0.0
         c2 = float32(qk_scale * LOG2E)
-        amax = cuda.local.array(R_N, float32)
-        for rr in range(R_N):
-            amax[rr] = 0.0
+        amax = float32(0.0)             # largest |visible raw score| of this thread's rows
 
+        ring = 0
         for it in range(n_tiles):
             cp_async_wait_all()
             cuda.syncthreads()          # tile it landed for everyone; tile it - 1 consumed
             k0 = it * BK
+            cur = it & 1
+            r1 = ring + 1 if ring < 2 else 0          # slot lists of tiles it + 1, it + 2
+            r2 = r1 + 1 if r1 < 2 else 0
             if it + 1 < n_tiles:
-                nb = (it + 1) % 2
-                _load_kv(sm, k, v, slots[(it + 1) % 3], KOFF + nb * TILE, VOFF + nb * TILE, tid, NT, BK, D, DP)
+                _load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP)
             cp_async_commit()
             if it + 2 < n_tiles:   # read after the next iteration's syncthreads
-                _resolve(slots[(it + 2) % 3], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
-            kb = KOFF + (it % 2) * TILE + ka
-            vb = VOFF + (it % 2) * TILE + va
+                _resolve(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
+            ring = r1
+            kb = KOFF + cur * TILE + ka
+            vb = VOFF + cur * TILE + va
 
             for i in range(S_N):
                 s[i] = 0.0
@@ -229,7 +234,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
                         for e in range(2):
                             x = s[so + nt * 4 + e]
                             vis = nt * 8 + e < lr
-                            amax[rr] = max(amax[rr], abs(x if vis else float32(0.0)))
+                            amax = max(amax, abs(x if vis else float32(0.0)))
                             x = x if vis else NEG_INF
                             s[so + nt * 4 + e] = x
                             mx = max(mx, x)
@@ -237,7 +242,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
                     for nt in range(NS):
                         for e in range(2):
                             x = s[so + nt * 4 + e]
-                            amax[rr] = max(amax[rr], abs(x))
+                            amax = max(amax, abs(x))
                             mx = max(mx, x)
                 mnew = max(m[rr], quad_max(mx) * c2)
                 ms = mnew if mnew > NEG_INF else float32(0.0)
@@ -266,9 +271,9 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
                         mma(kind, o, mt * O1 + dp * 8, pf, mt * P1 + kk * 4, kf, 0)
                         mma(kind, o, mt * O1 + dp * 8 + 4, pf, mt * P1 + kk * 4, kf, 2)
 
-        bad = False
+        bad = not amax * c2 < np.inf
         for rr in range(R_N):
-            bad |= not (amax[rr] * c2 < np.inf and lsum[rr] == lsum[rr])
+            bad |= lsum[rr] != lsum[rr]
         if bad:
             flag[0] = 1
         for rr in range(R_N):
