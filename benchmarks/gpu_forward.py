@@ -55,6 +55,8 @@ WORKLOADS = [
     ("prefill causal B4 H32 D128 L=Sq=4096 fp32", dict(B=4, H=32, Hkv=32, Sq=4096, D=128, L=4096, kind="f32")),
     ("prefill causal B4 H32 D128 L=Sq=4096 bf16", dict(B=4, H=32, Hkv=32, Sq=4096, D=128, L=4096, kind="bf16")),
     ("prefill causal B4 H32/8 D128 L=Sq=4096 bf16", dict(B=4, H=32, Hkv=8, Sq=4096, D=128, L=4096, kind="bf16")),
+    ("prefill causal B4 H32/8 D128 L=Sq=4096 bf16 q, fp8-e4m3 K/V",
+     dict(B=4, H=32, Hkv=8, Sq=4096, D=128, L=4096, kind="fp8")),
 ]
 # (metric, threshold[, workload the ratio is taken against])
 TARGETS = {
@@ -64,6 +66,7 @@ TARGETS = {
     WORKLOADS[3][0]: ("TFLOP/s", 40.0),
     WORKLOADS[4][0]: ("TFLOP/s", 250.0),
     WORKLOADS[5][0]: ("TFLOP/s", 250.0),
+    WORKLOADS[6][0]: ("TFLOP/s", 250.0),
 }
 SIM_SHAPE = dict(B=1, H=2, Hkv=1, D=16, L=32)
 # Tolerances: relative L2 error of out; absolute error of lse (float32 accumulation in all cases).
@@ -534,7 +537,7 @@ class Bench:
         if torch is None:
             self.row(name, "torch SDPA", note="torch with CUDA not available" if not a.sim_smoke else "sim-smoke: skipped")
         elif case.kind == "fp8":
-            self.row(name, "torch SDPA", note="n/a: no FP8 SDPA; the BF16 decode rows are the reference")
+            self.row(name, "torch SDPA", note="n/a: no FP8 SDPA; the BF16 rows are the reference")
         else:
             for impl, fn in zip(("torch SDPA contiguous", "torch pool[table] + SDPA"), case.sdpa_fns()):
                 try:
@@ -624,7 +627,7 @@ def main(argv=None) -> int:
     if args.mma_tiles:
         from paged_numba.runtime import cuda as cuda_rt
         tiles = tuple(int(x) for x in args.mma_tiles.split(","))
-        cuda_rt.mma_tiles = lambda D, sim: tiles
+        cuda_rt.mma_tiles = lambda D, sim, fp8=False: tiles
         log(f"tensor-core prefill tiles (NW, MT, BK) = {tiles} for every head dim")
     bench = Bench(args, pn, rt, torch)
     if args.sim_smoke:

@@ -123,12 +123,14 @@ def specializations(quick: bool = False, partitions=None) -> list:
     for D in HEAD_DIMS:   # the tensor-core prefill: F16 / BF16, head dims that are multiples of 16
         if D % 16:
             continue
-        NW, MT, BK = client.mma_tiles(D, False)
-        for name in ("f16", "bf16"):
+        for name in ("f16", "bf16"):      # K/V of q's dtype, or FP8 codes decoded into it
             dt = dts[name]
-            specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=name, out=name, PT=None,
-                              factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT),
-                              spec=f"D={D} {name} NW={NW} MT={MT} BK={BK}"))
+            for kvn in (name, "e4m3", "e5m2"):
+                NW, MT, BK = client.mma_tiles(D, False, kvn != name)
+                specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=kvn, out=name, PT=None,
+                                  factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code),
+                                  kv_storage=dts[kvn].storage.name,
+                                  spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -195,9 +197,9 @@ def _signature(spec):
         return nt.void(pool, pool, src, src, arr("int64", 1), nt.float32, nt.float32)
     if spec["kernel"] == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
-    if spec["kernel"] == "prefill_mma":  # flat uint16 q / k / v, out as uint32 pairs, flat lse
-        u16 = arr("uint16", 1)
-        return nt.void(u16, u16, u16, arr("int32", 2), arr("int32", 1), nt.int64, nt.int64, nt.int64,
+    if spec["kernel"] == "prefill_mma":  # flat uint16 q, flat k / v storage, out as uint32 pairs, flat lse
+        u16, kv = arr("uint16", 1), arr(spec["kv_storage"], 1)
+        return nt.void(u16, kv, kv, arr("int32", 2), arr("int32", 1), nt.int64, nt.int64, nt.int64,
                        nt.int64, nt.float64, nt.float64, nt.boolean, arr("uint32", 1), arr(f32, 1),
                        arr("int32", 1))
     q, word, table, lens = arr(spec["q_storage"], 4), spec["word"], arr("int32", 2), arr("int32", 1)

@@ -27,7 +27,7 @@ DTYPE_TRIPLES = (("f32", "f32", "f32"), ("f16", "f16", "f16"), ("bf16", "bf16", 
                  ("f32", "e4m3", "f32"), ("bf16", "e4m3", "bf16"), ("e4m3", "e4m3", "e4m3"),
                  ("bf16", "e5m2", "bf16"), ("e5m2", "e5m2", "e5m2"))
 OUT_DTYPES = ("f32", "f16", "bf16", "e4m3", "e5m2")
-MMA_HEAD_DIMS = tuple(D for D in HEAD_DIMS if D % 16 == 0)   # the tensor-core prefill: F16 / BF16
+MMA_HEAD_DIMS = tuple(D for D in HEAD_DIMS if D % 16 == 0)   # tensor-core prefill: F16 / BF16 q, K/V also FP8
 BWD_DTYPES = ("f32", "f16", "bf16")     # the backward: delta, dK/dV, dQ per head dim; fill; encode
 # write_kv: (pool, rows) -- float pools take their own dtype, FP8 pools f32 / f16 / bf16 rows.
 WRITE_KV_PAIRS = {("f32", "f32"), ("f16", "f16"), ("bf16", "bf16")} | {
@@ -79,8 +79,8 @@ def _assert_report(rows, stdout, ccs, partitions):
         got = {(r["D"], r["q"], r["kv"], r["out"]) for r in rows if r["kernel"] == "tiled" and r["cc"] == cc}
         want = {(D, q, kv, out) for D in HEAD_DIMS for q, kv, out in DTYPE_TRIPLES}
         assert got == want, f"tiled {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
-        got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "prefill_mma" and r["cc"] == cc}
-        want = {(D, name) for D in MMA_HEAD_DIMS for name in ("f16", "bf16")}
+        got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == "prefill_mma" and r["cc"] == cc}
+        want = {(D, name, kv) for D in MMA_HEAD_DIMS for name in ("f16", "bf16") for kv in (name, "e4m3", "e5m2")}
         assert got == want, f"prefill_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
         want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
@@ -96,7 +96,7 @@ def _assert_report(rows, stdout, ccs, partitions):
         assert got == ["bf16", "f16", "f32"], f"fill / encode {cc}: {got}"
     # decode: a GQA group at every partition size and one row per KV head at the first; tiled: one
     per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 2) + len(OUT_DTYPES))
-              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 2 * len(MMA_HEAD_DIMS))
+              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

@@ -49,7 +49,7 @@ def tiles(request, monkeypatch):
     if request.param != "default":
         from paged_numba.runtime import cuda as cuda_rt
         sim = pn.get_runtime("cuda").simulator
-        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s: (2, 1, 16) if sim else (4, 1, 64))
+        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False: (2, 1, 16) if sim else (4, 1, 64))
     return request.param
 
 
@@ -85,3 +85,25 @@ def test_mma_prefill_flags_non_finite_scores(spy):
     with pytest.raises(ValueError, match="not finite"):
         pn.paged_attention_fwd(q, k, v, bt, seq_lens=sl, causal=True, scale=1e38, runtime="cuda")
     assert len(spy) == 1
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("qdtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=IDS[:2])
+def test_mma_prefill_fp8_kv(spy, fmt, qdtype, case):
+    """FP8 K/V codes staged by cp.async and decoded into q's 16-bit type (exact) on the way into
+    the tiles; per-tensor scales folded into the score and output scales."""
+    from paged_numba.ops.reference import paged_attention_fwd_fp8_ref, quantize_fp8
+
+    B, H, Hkv, Sq, D, bs, lens, causal, shared = case
+    rng = np.random.default_rng(seed_of("mma-fp8", fmt, str(qdtype), IDS[CASES.index(case)]))
+    q, k, v, bt, sl = make_case(rng, B, H, Hkv, Sq, D, bs, lens, np.float32, shared=shared)
+    k8, v8 = quantize_fp8(k, fmt), quantize_fp8(v, fmt)   # NaN slots stay NaN codes
+    q = q.astype(qdtype)
+    kw = dict(seq_lens=sl, causal=causal, q_scale=0.5, k_scale=1.5, v_scale=0.75, o_scale=0.25)
+    before = snapshot(q, k8, v8, bt, sl)
+    out, lse = pn.paged_attention_fwd_fp8(q, k8, v8, bt, runtime="cuda", **kw)
+    assert_unchanged(before, q, k8, v8, bt, sl)
+    assert len(spy) == 1, "the tensor-core prefill did not run"
+    ref_out, ref_lse = paged_attention_fwd_fp8_ref(q, k8, v8, bt, **kw)
+    assert_fwd_close(out, lse, ref_out, ref_lse, qdtype)

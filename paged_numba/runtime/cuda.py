@@ -88,19 +88,20 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
     return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
-def mma_tiles(D: int, sim: bool) -> tuple:
+def mma_tiles(D: int, sim: bool, fp8: bool = False) -> tuple:
     """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
     for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
     (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
     shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
-    fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; D 256: 16 rows per warp
-    (the O accumulators take 128 registers). The simulator runs 1 warp of 2 m-tiles over 16-key
-    tiles (tests swap in other tiles to cover several warps)."""
+    fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; with FP8 K/V (whose
+    decode pass needs registers of its own) 8 warps of 16 rows over 64-key tiles, the fastest
+    spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
+    registers). The simulator runs 1 warp of 2 m-tiles over 16-key tiles (tests swap in others)."""
     if sim:
         return 1, 2, 16
-    if D <= 128:
-        return 4, 2, 32
-    return 4, 1, 32
+    if D > 128:
+        return 4, 1, 32
+    return (8, 1, 64) if fp8 else (4, 2, 32)
 
 
 class CudaClient(Client):
@@ -180,13 +181,13 @@ class CudaClient(Client):
         if cfg.Sq > _DECODE_MAX_SQ and self._mma_prefill_ok(cfg, q, k, v):
             from ..kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
 
-            NW, MT, BK = mma_tiles(D, rt.simulator)
-            kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT)
+            NW, MT, BK = mma_tiles(D, rt.simulator, kd.is_fp8)
+            kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code)
             args = (q.reshape(q.size), k.reshape(k.size), v.reshape(v.size), table, lens, cfg.H, cfg.Sq,
                     bs, Hkv, qk_scale, out_scale, cfg.causal, out.reshape(out.size).view(np.uint32),
                     lse.reshape(lse.size), flag)
             grid = (cfg.B * Hkv, -(-cfg.G * cfg.Sq // (16 * MT * NW)))
-            self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT), args)
+            self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args)
             self._check(flag, cfg)
             return out, lse
         if cfg.Sq > _DECODE_MAX_SQ:
@@ -225,10 +226,12 @@ class CudaClient(Client):
         return out, lse
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
-        """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype, head dims that
-        are multiples of 16 and 16-byte aligned q / K / V (cp.async copies 16 bytes)."""
+        """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
+        exactly into q's dtype), head dims that are multiples of 16 and 16-byte aligned q / K / V
+        (cp.async copies 16 bytes)."""
         code = cfg.q_dtype.code
-        if not (self.prefill_mma and code in (F16, BF16) and cfg.kv_dtype.code == code and cfg.D % 16 == 0):
+        if not (self.prefill_mma and code in (F16, BF16) and cfg.D % 16 == 0
+                and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)):
             return False
         if self.runtime.simulator:
             return True

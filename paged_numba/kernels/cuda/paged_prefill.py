@@ -37,9 +37,10 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, int32, uint16, uint32
+from numba import cuda, float32, int32, uint8, uint16, uint32
 
-from .codecs import SIM
+from ...dtypes import E4M3, E5M2
+from .codecs import decode_bits
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
                   quad_max, quad_sum, udiv32)
 from .paged_decode import LN2, LOG2E
@@ -91,11 +92,56 @@ def _load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DP):
         cp_async16(sm, voff + dst, v, src, n)
 
 
+@cuda.jit(device=True, inline=True)
+def _load_raw(sm8, k, v, slots, roff, tid, NT, BK, D):
+    """FP8 K/V: start the 16-byte copies of a tile's code rows (D bytes each; -1: zeros) into the
+    staging area at byte roff (K, then V)."""
+    CH = D // 16
+    for i in range((BK * CH + NT - 1) // NT):
+        c = tid + NT * i
+        if BK * CH % NT and c >= BK * CH:
+            break
+        j = c // CH
+        ch = c % CH
+        row = slots[j]
+        src = np.int64(0)
+        n = 0
+        if row >= 0:
+            src = np.int64(row) * D + ch * 16
+            n = 16
+        cp_async16(sm8, roff + j * D + ch * 16, k, src, n)
+        cp_async16(sm8, roff + BK * D + j * D + ch * 16, v, src, n)
+
+
+@cuda.jit(device=True, inline=True)
+def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code):
+    """FP8 K/V: decode the staged codes (exactly: every E4M3 / E5M2 value is a BF16 and an F16
+    value) into the 16-bit tile buffers at koff / voff (uint16 element offsets), 4 codes a step."""
+    Q4 = D // 4
+    for i in range((BK * Q4 + NT - 1) // NT):
+        c = tid + NT * i
+        if BK * Q4 % NT and c >= BK * Q4:
+            break
+        j = c // Q4
+        cq = c % Q4
+        for kv in range(2):
+            word = sm32[(roff + kv * BK * D + j * D + 4 * cq) // 4]
+            x = cuda.local.array(4, float32)
+            for e in range(4):
+                x[e] = decode_bits((word >> np.uint32(8 * e)) & np.uint32(0xFF), kv_code)
+            dst = ((voff if kv else koff) + j * DP + 4 * cq) // 2
+            sm32[dst] = pack2(kind, x[0], x[1])
+            sm32[dst + 1] = pack2(kind, x[2], x[3])
+
+
 @functools.cache
-def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
+def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None):
     """The tensor-core prefill for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16
-    code: q, K/V and out), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys
-    per tile (a multiple of 16)."""
+    code: q, out and the mma), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
+    tiles), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys per tile (a
+    multiple of 16)."""
+    kv_code = kind if kv_code is None else kv_code
+    KV8 = kv_code in (E4M3, E5M2)
     NT = 32 * NW
     WR = 16 * MT                 # rows per warp
     BQ = WR * NW
@@ -106,6 +152,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
     TILE = BK * DP
     KOFF = BQ * DP               # smem (uint16 elements): Q | K0 K1 | V0 V1
     VOFF = KOFF + 2 * TILE
+    ROFF = 2 * (VOFF + 2 * TILE)  # FP8: byte offset of the staged codes (BK * D bytes each of K, V)
     NEG_INF = float32(-np.inf)
     CH = D // 8
     Q_REGS = MT == 1 and D <= 128   # Q fragments kept in registers; else re-read per k-step
@@ -116,6 +163,8 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, H, Sq, bs, Hkv, qk_scale, out_scale, causal, out, lse, flag):
         sm = cuda.shared.array(0, uint16)
+        sm8 = cuda.shared.array(0, uint8)       # the same dynamic shared memory (FP8 staging)
+        sm32 = cuda.shared.array(0, uint32)
         tid = cuda.threadIdx.x
         lane = tid % 32
         w = tid // 32
@@ -166,10 +215,15 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
         _resolve(slots[1], table, b, kvh, BK, kend, bs, Hkv, tid, BK)
         cuda.syncthreads()
         if n_tiles > 0:
-            _load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DP)
+            if KV8:
+                _load_raw(sm8, k, v, slots[0], ROFF, tid, NT, BK, D)
+            else:
+                _load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DP)
         cp_async_commit()
         cp_async_wait_all()
         cuda.syncthreads()
+        if KV8 and n_tiles > 0:
+            _convert_raw(sm32, ROFF, KOFF, VOFF, tid, NT, BK, D, DP, kind, kv_code)
 
         qf = cuda.local.array(QF_N, uint32)
         qa = (w * WR + l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)      # this lane's Q fragment row
@@ -201,7 +255,11 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
             r1 = ring + 1 if ring < 2 else 0          # slot lists of tiles it + 1, it + 2
             r2 = r1 + 1 if r1 < 2 else 0
             if it + 1 < n_tiles:
-                _load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP)
+                if KV8:     # codes into the staging area now, decoded after this tile's math
+                    _load_raw(sm8, k, v, slots[r1], ROFF, tid, NT, BK, D)
+                else:
+                    _load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT,
+                             BK, D, DP)
             cp_async_commit()
             if it + 2 < n_tiles:   # read after the next iteration's syncthreads
                 _resolve(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
@@ -270,6 +328,11 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
                     for mt in range(MT):
                         mma(kind, o, mt * O1 + dp * 8, pf, mt * P1 + kk * 4, kf, 0)
                         mma(kind, o, mt * O1 + dp * 8 + 4, pf, mt * P1 + kk * 4, kf, 2)
+            if KV8 and it + 1 < n_tiles:
+                cp_async_wait_all()
+                cuda.syncthreads()      # everyone's codes of tile it + 1 landed
+                _convert_raw(sm32, ROFF, KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP,
+                             kind, kv_code)
 
         bad = not amax * c2 < np.inf
         for rr in range(R_N):
@@ -295,6 +358,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1):
     return kernel
 
 
-def smem_bytes(D: int, NW: int, BK: int, MT: int = 1) -> int:
-    """Dynamic shared memory of ``prefill_kernel(D, kind, NW, BK, MT)``: Q, two K and two V tiles."""
-    return (16 * MT * NW + 4 * BK) * (D + 8) * 2
+def smem_bytes(D: int, NW: int, BK: int, MT: int = 1, fp8: bool = False) -> int:
+    """Dynamic shared memory of ``prefill_kernel(D, kind, NW, BK, MT, kv_code)``: Q, two K and two V
+    tiles (and, for FP8 K/V, the staged codes of one K and one V tile)."""
+    return (16 * MT * NW + 4 * BK) * (D + 8) * 2 + (2 * BK * D if fp8 else 0)
