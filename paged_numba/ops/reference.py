@@ -150,8 +150,11 @@ def _attend(q, k, v, causal, scale, window_left=-1, softcap=0.0, alibi_slopes=No
     dmod [H, Sq, L] = d(modified score) / d(scale * q.k))."""
     H, Sq, _ = q.shape
     L = k.shape[0]
-    kh, vh = _expand_heads(k, H), _expand_heads(v, H)
     vis = _visible(Sq, L, causal, window_left)[None]                  # [1, Sq, L]
+    # Keys no query sees (before a window) are selected out too: they may hold anything.
+    seen = vis[0].any(axis=0)[:, None, None]                          # [L, 1, 1]
+    k, v = np.where(seen, k, 0.0), np.where(seen, v, 0.0)
+    kh, vh = _expand_heads(k, H), _expand_heads(v, H)
     raw, dmod = _scores(q, kh, scale, softcap, alibi_slopes, L)
     s = np.where(vis, raw, -np.inf)
     m = np.max(s, axis=-1, initial=-np.inf)                           # [H, Sq], -inf if none
