@@ -333,3 +333,43 @@ def test_property_merge_halves_equals_whole(runtime_name, data):
     vm, sm = pn.merge_state(a[0], a[1], b[0], b[1], runtime=runtime_name)
     np.testing.assert_allclose(vm, whole[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(sm, whole[1], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- PagedKVCache
+
+def test_cache_attention_mixed_batch(rt):
+    """Prefill appends and decodes of different sequences in one cache.attention call equal the
+    per-sequence calls they replace."""
+    rng = np.random.default_rng(21)
+    H, Hkv, D = 4, 2, 8
+    cache = pn.PagedKVCache(16, 4, Hkv, D, runtime=rt)
+    old, new, idle = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    for sid, n in ((old, 9), (idle, 5)):
+        cache.append(sid, rng.standard_normal((n, Hkv, D)), rng.standard_normal((n, Hkv, D)))
+    # This step: old decodes 1 token, new prefills a 7-token prompt, idle has no query.
+    cache.append(old, rng.standard_normal((1, Hkv, D)), rng.standard_normal((1, Hkv, D)))
+    cache.append(new, rng.standard_normal((7, Hkv, D)), rng.standard_normal((7, Hkv, D)))
+    qlens = [1, 7, 0]
+    cu = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+    q = rng.standard_normal((8, H, D)).astype(np.float32)
+    out, lse = cache.attention(q, [old, new, idle], cu_seqlens_q=cu, window_left=5)
+    assert out.shape == (8, H, D) and lse.shape == (8, H)
+    for b, sid in enumerate([old, new]):
+        qb = np.ascontiguousarray(np.transpose(q[cu[b]:cu[b + 1]], (1, 0, 2))[None])
+        ob, lb = cache.attention(qb, [sid], window_left=5)
+        np.testing.assert_allclose(out[cu[b]:cu[b + 1]], np.transpose(ob[0], (1, 0, 2)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(lse[cu[b]:cu[b + 1]], lb[0].T, rtol=1e-6, atol=1e-6)
+    table, lens = cache.block_table([old, new, idle])
+    ref = paged_attention_fwd_ref(q, cache.k_blocks.numpy(), cache.v_blocks.numpy(), table, seq_lens=lens,
+                                  causal=True, cu_seqlens_q=cu, window_left=5)
+    assert_fwd_close(out, lse, *ref, F32)
+
+
+def test_cache_attention_ragged_q_shape_error():
+    cache = pn.PagedKVCache(4, 4, 1, 8)
+    a = cache.add_sequence()
+    cache.append(a, np.ones((2, 1, 8)), np.ones((2, 1, 8)))
+    with pytest.raises(ValueError, match=r"\[T, H, D=8\]"):
+        cache.attention(np.ones((1, 2, 1, 8), np.float32), [a], cu_seqlens_q=[0, 1])
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        cache.attention(np.ones((3, 2, 8), np.float32), [a], cu_seqlens_q=[0, 3])   # 3 queries > 2 keys
