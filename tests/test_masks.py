@@ -68,8 +68,9 @@ def slopes_for(H, rng):
 DENSE = [(4, 2, 1, 16, 4, [11, 0, 6], True),        # decode, GQA
          (2, 1, 3, 8, 3, [9, 4], False),            # decode, several queries, non-causal
          (2, 2, 6, 16, 4, [13, 6], True),           # tiled
-         (2, 1, 7, 8, 5, [12, 9], False)]           # tiled, non-causal
-DENSE_IDS = ["decode", "decode-sq3-full", "tiled", "tiled-full"]
+         (2, 1, 7, 8, 5, [12, 9], False),           # tiled, non-causal
+         (2, 1, 2, 8, 4, [45, 21], True)]           # decode over several split-K partitions
+DENSE_IDS = ["decode", "decode-sq3-full", "tiled", "tiled-full", "decode-long"]
 # window_left, softcap, alibi
 MODS = [(2, 0.0, False),      # a window smaller than a block
         (6, 0.0, False),      # a window spanning blocks
@@ -77,8 +78,10 @@ MODS = [(2, 0.0, False),      # a window smaller than a block
         (0, 0.0, False),      # the diagonal only
         (-1, 0.3, False),     # a softcap far below the scores
         (-1, 0.0, True),      # ALiBi
-        (3, 2.0, True)]       # all three
-MOD_IDS = ["win2", "win6", "win>=L", "win0", "softcap", "alibi", "all"]
+        (3, 2.0, True),       # all three
+        (20, 0.0, False)]     # a window spanning partitions (decode-long: partitions of 16 keys on
+                              # the simulator; the first partition starts at L - Sq - 20)
+MOD_IDS = ["win2", "win6", "win>=L", "win0", "softcap", "alibi", "all", "win20"]
 
 
 def _kw(mods, H, rng):
@@ -193,7 +196,8 @@ def check_bwd(rt, q, k, v, bt, sl, dtype, causal, kw):
 
 @pytest.mark.parametrize("mods", [MODS[0], MODS[1], MODS[4], MODS[5], MODS[6]],
                          ids=["win2", "win6", "softcap", "alibi", "all"])
-@pytest.mark.parametrize("case", [DENSE[0], DENSE[2], DENSE[3]], ids=["decode", "tiled", "tiled-full"])
+@pytest.mark.parametrize("case", [DENSE[0], DENSE[2], DENSE[3], DENSE[4]],
+                         ids=["decode", "tiled", "tiled-full", "decode-long"])
 def test_backward_modifiers(rt, case, mods):
     H, Hkv, Sq, D, bs, lens, causal = case
     dtype = F32 if mods != MODS[6] else BF16
