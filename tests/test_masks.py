@@ -377,3 +377,19 @@ def test_cache_attention_ragged_q_shape_error():
         cache.attention(np.ones((1, 2, 1, 8), np.float32), [a], cu_seqlens_q=[0, 1])
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         cache.attention(np.ones((3, 2, 8), np.float32), [a], cu_seqlens_q=[0, 3])   # 3 queries > 2 keys
+
+
+def test_cuda_decode_partitions_start_at_the_window(runtime_name, monkeypatch):
+    """The split-K decode spreads only the keys the window lets in over its partitions: with a
+    window of 20 over 45 keys (2 queries) the partitions cover 22 keys, not 45."""
+    if runtime_name != "cuda":
+        pytest.skip("the CUDA client's partitioning")
+    client = pn.get_runtime("cuda").client
+    spans = []
+    real = type(client)._partition
+    monkeypatch.setattr(type(client), "_partition", lambda self, span, rb: spans.append(span) or real(self, span, rb))
+    rng = np.random.default_rng(17)
+    q, k, v, bt, sl = make_case(rng, 2, 2, 1, 2, 8, 4, [45, 21], F32)
+    pn.paged_attention_fwd(q, k, v, bt, seq_lens=sl, causal=True, window_left=20, runtime="cuda")
+    pn.paged_attention_fwd(q, k, v, bt, seq_lens=sl, causal=True, runtime="cuda")
+    assert spans == [22, 45]
