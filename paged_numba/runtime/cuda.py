@@ -178,8 +178,9 @@ class CudaClient(Client):
         return out, lse
 
     def _tiled(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
-        """The tiled (prefill) kernel over ``cfg.tiled_seqs`` (the SIMT kernel handles every layout,
-        mask and score modifier)."""
+        """The tiled (prefill) kernel over ``cfg.tiled_seqs``. This SIMT kernel handles every layout,
+        mask and score modifier; a kernel that handles only dense, unmodified scores may take the
+        work here when ``cfg.plain``."""
         from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
         D, kd = cfg.D, cfg.kv_dtype
