@@ -275,7 +275,8 @@ class PagedKVCache:
         lens = np.array([s.length for s in seqs], np.int32)
         return table, lens
 
-    def attention(self, q, seq_ids, *, causal=True, scale=None):
+    def attention(self, q, seq_ids, *, causal=True, scale=None, cu_seqlens_q=None, window_left=-1,
+                  softcap=0.0, alibi_slopes=None):
         """Attention of the queries ``q`` [B, H, Sq, D] over the cached tokens of ``seq_ids``
         (B ids) -> ``(out [B, H, Sq, D], lse float32 [B, H, Sq])``.
 
@@ -283,15 +284,38 @@ class PagedKVCache:
         position ``L_b - Sq + i`` and, when ``causal``, sees keys ``j <= L_b - Sq + i``
         (bottom-right, like the ops). NumPy q of any float dtype is converted to the cache's dtype
         (FP8 caches: F32 / F16 / BF16 q is kept, others become F32), and out comes back as a NumPy
-        array of that dtype; a Tensor q (on the cache's runtime) is used as is and gives Tensors."""
+        array of that dtype; a Tensor q (on the cache's runtime) is used as is and gives Tensors.
+
+        A mixed batch (prefill appends and decodes together): ``cu_seqlens_q`` (int [B + 1],
+        non-decreasing from 0) with a token-major q [T, H, D]; sequence b's queries are rows
+        ``cu[b]:cu[b + 1]``, its last q_len_b <= L_b tokens; out is [T, H, D], lse [T, H].
+        ``window_left``, ``softcap`` and ``alibi_slopes`` go to the op as they are."""
         table, lens = self.block_table(seq_ids)
+        as_tensor = isinstance(q, Tensor)
+        q = self._attention_q(q, len(lens), cu_seqlens_q is not None)
+        kw = dict(causal=causal, seq_lens=lens, scale=scale, cu_seqlens_q=cu_seqlens_q, window_left=window_left,
+                  softcap=softcap, alibi_slopes=alibi_slopes)
+        if self._dtype.is_fp8:
+            out, lse = paged_attention_fwd_fp8(q, self._k, self._v, table, k_scale=self._k_scale,
+                                               v_scale=self._v_scale, **kw)
+        else:
+            out, lse = paged_attention_fwd(q, self._k, self._v, table, **kw)
+        return (out, lse) if as_tensor else (out.numpy(), lse.numpy())
+
+    def _attention_q(self, q, B, ragged):
+        """q checked against the cache ([B, H, Sq, D], or [T, H, D] when ragged) and made a Tensor
+        on the cache's runtime in the dtype attention uses (``attention``'s docstring)."""
         as_tensor = isinstance(q, Tensor)
         if not as_tensor:
             q = np.asarray(q)
             if q.dtype.kind != "f" and from_numpy_dtype(q.dtype) not in _POOL_TYPES:
                 raise TypeError(f"q: expected a float array, got dtype {q.dtype}")
-        if len(q.shape) != 4 or q.shape[0] != len(lens) or q.shape[3] != self.head_dim:
-            raise ValueError(f"q: expected [B={len(lens)} (one per seq_id), H, Sq, D={self.head_dim}], "
+        if ragged:
+            if len(q.shape) != 3 or q.shape[2] != self.head_dim:
+                raise ValueError(f"q: expected token-major [T, H, D={self.head_dim}] with cu_seqlens_q, "
+                                 f"got shape {tuple(q.shape)}")
+        elif len(q.shape) != 4 or q.shape[0] != B or q.shape[3] != self.head_dim:
+            raise ValueError(f"q: expected [B={B} (one per seq_id), H, Sq, D={self.head_dim}], "
                              f"got shape {tuple(q.shape)}")
         if not as_tensor:
             own = from_numpy_dtype(q.dtype)
@@ -301,12 +325,7 @@ class PagedKVCache:
                 target = self._dtype
             with np.errstate(over="ignore"):
                 q = tensor(q if own == target else q.astype(target.numpy), self._rt)
-        if self._dtype.is_fp8:
-            out, lse = paged_attention_fwd_fp8(q, self._k, self._v, table, causal=causal, k_scale=self._k_scale,
-                                               v_scale=self._v_scale, seq_lens=lens, scale=scale)
-        else:
-            out, lse = paged_attention_fwd(q, self._k, self._v, table, causal=causal, seq_lens=lens, scale=scale)
-        return (out, lse) if as_tensor else (out.numpy(), lse.numpy())
+        return q
 
 
 __all__ = ["PagedKVCache"]

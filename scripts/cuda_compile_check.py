@@ -2,6 +2,7 @@
 no GPU, and print registers, spills, stack frame and shared memory per kernel.
 
     python scripts/cuda_compile_check.py [--cc 90 80] [--quick] [--pt 2048 64] [--jobs N] [--json PATH]
+                                         [--only KERNEL ...] [--head-dims D ...]
 
 Exit status: 0 when every specialization compiled and linked, 1 when any failed (the table says
 which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC, nvJitLink: the
@@ -18,7 +19,10 @@ F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, t
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
 ``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
-``WRITE_KV_PAIRS``; its scales are passed as NumPy float32.
+``WRITE_KV_PAIRS``; its scales are passed as NumPy float32. The score modifiers (softcap and ALiBi
+on: "decode+mods", "tiled+mods", "bwd_dkdv+mods", "bwd_dq+mods") are enumerated for
+``MOD_HEAD_DIMS`` x ``MOD_DTYPE_TRIPLES`` (the backward: f32 / bf16), and ``merge_state.py``'s
+two kernels ("merge_pair", "merge_states") per head dim and F32 / F16 / BF16.
 
 How (no GPU, no driver): numba compiles the Python function once per specialization; NVVM turns the
 same LLVM IR into PTX for each requested compute capability, and nvJitLink (cuda.core's Linker,
@@ -65,6 +69,9 @@ DTYPE_TRIPLES = (
 WRITE_KV_PAIRS = (("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
                   ("e4m3", "f32"), ("e4m3", "f16"), ("e4m3", "bf16"),
                   ("e5m2", "f32"), ("e5m2", "f16"), ("e5m2", "bf16"))
+# The score-modifier (softcap + ALiBi) specializations: a subset of head dims and dtype triples.
+MOD_HEAD_DIMS = (64, 128, 256)
+MOD_DTYPE_TRIPLES = (("f32", "f32", "f32"), ("bf16", "bf16", "bf16"), ("bf16", "e4m3", "bf16"))
 PARTITIONS = (2048, 64)
 QUICK_PARTITIONS = (2048,)
 DEFAULT_CCS = ((9, 0), (8, 0))
@@ -131,6 +138,44 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                   factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code),
                                   kv_storage=dts[kvn].storage.name,
                                   spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"))
+    # Score modifiers on (softcap and ALiBi: the kernels' SOFTCAP / ALIBI flags), for a few head dims
+    # and dtypes: "decode+mods" / "tiled+mods" (window and ragged layouts are runtime arguments).
+    for kernel in ("decode", "tiled"):
+        for D in MOD_HEAD_DIMS:
+            for qn, kvn, on in MOD_DTYPE_TRIPLES:
+                q, kv, out = dts[qn], dts[kvn], dts[on]
+                wdt = client._word_dtype(D * kv.itemsize)
+                common = dict(D=D, q_code=q.code, kv_code=kv.code, out_code=out.code,
+                              word_bits=wdt.itemsize * 8, SOFTCAP=True, ALIBI=True)
+                base = dict(kernel=kernel + "+mods", D=D, q=qn, kv=kvn, out=on, q_storage=q.storage.name,
+                            word=wdt.name, out_storage=out.storage.name)
+                label = f"D={D} q={qn} kv={kvn} out={on} {wdt.name} softcap+alibi"
+                if kernel == "tiled":
+                    BQ, BK, NTT = tile_shape(D, False)
+                    specs.append(dict(base, PT=None, factory=dict(common, BQ=BQ, BK=BK, NT=NTT),
+                                      spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
+                    continue
+                geo = client.decode_geometry(D, kv.itemsize, wdt.itemsize, 4, pts[0], False)
+                specs.append(dict(base, PT=pts[0], factory=dict(common, PT=pts[0], **geo),
+                                  spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
+                                  + f" PT={pts[0]}"))
+    for D in HEAD_DIMS:      # merge_state / merge_states (CudaClient.run_merge_state(s))
+        for name in BWD_DTYPES:
+            dt = dts[name]
+            MT = _merge_threads(D)
+            for kernel in ("merge_pair", "merge_states"):
+                specs.append(dict(kernel=kernel, D=D, out=name, PT=None, out_storage=dt.storage.name,
+                                  factory=dict(D=D, code=dt.code, NT=MT), spec=f"D={D} {name} NT={MT}"))
+    for D in MOD_HEAD_DIMS:   # the tensor-core prefill with a sliding window
+        for qn, kvn, _ in MOD_DTYPE_TRIPLES:
+            if qn not in ("f16", "bf16"):
+                continue
+            NW, MT, BK = client.mma_tiles(D, False, kvn != qn, True)
+            specs.append(dict(kernel="prefill_mma+window", D=D, q=qn, kv=kvn, out=qn, PT=None,
+                              factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
+                                           WINDOW=True),
+                              kv_storage=dts[kvn].storage.name,
+                              spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} window"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -170,6 +215,10 @@ def _backward_specializations(dts) -> list:
             for kernel in ("bwd_dkdv", "bwd_dq"):
                 specs.append(dict(base, kernel=kernel, factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY),
                                   spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY}"))
+                if D in MOD_HEAD_DIMS and name != "f16":
+                    specs.append(dict(base, kernel=kernel + "+mods",
+                                      factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY, SOFTCAP=True, ALIBI=True),
+                                      spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY} softcap+alibi"))
     specs.append(dict(kernel="bwd_fill", D=None, q=None, kv=None, out="f32", PT=None, factory={},
                       out_storage="float32", spec="float32"))
     for name in BWD_DTYPES[1:]:
@@ -180,57 +229,71 @@ def _backward_specializations(dts) -> list:
 
 
 def _signature(spec):
-    """numba signature of the client's launch: (q, k, v, table, seq_lens, bs, Hkv, qk_scale, out_scale,
-    causal, out, lse, po, pml, flag) for decode (k, v as flat word arrays), (q, k, v, table,
-    seq_lens, qk_scale, out_scale, causal, out, lse, flag) for the tiled kernel,
-    (po, pml, out_scale, out, lse) for merge."""
+    """numba signature of the client's launch (q, out as [rows, D], lse [rows]; ``work`` int32
+    [4, B]; ``slopes`` float32 [H]): (q, k, v, table, seq_lens, work, bs, Hkv, H, stride_h, stride_i,
+    qk_scale, out_scale, causal, window, softcap, slopes, out, lse, po, pml, flag) for decode (k, v
+    as flat word arrays), (q, k, v, table, seq_lens, work, H, stride_h, stride_i, qk_scale, out_scale,
+    causal, window, softcap, slopes, out, lse, flag) for the tiled kernel, (po, pml, work, stride_h,
+    stride_i, out_scale, out, lse) for merge; merge_pair (v_a, s_a, v_b, s_b, out, lse) 2-D / 1-D,
+    merge_states (v [T, K, H, D], s [T, K, H], out [T, H, D], lse [T, H])."""
     from numba import types as nt
 
     def arr(dtype_name, ndim):
         return nt.Array(getattr(nt, dtype_name), ndim, "C")
 
     f32 = "float32"
-    if spec["kernel"].startswith("bwd_"):
+    kind = spec["kernel"].removesuffix("+mods").removesuffix("+window")
+    if kind.startswith("bwd_"):
         return _backward_signature(spec, arr)
-    if spec["kernel"] == "write_kv":  # (k_pool, v_pool, k, v, slots, k_scale, v_scale)
+    if kind == "write_kv":  # (k_pool, v_pool, k, v, slots, k_scale, v_scale)
         pool, src = arr(spec["pool_storage"], 4), arr(spec["src_storage"], 3)
         return nt.void(pool, pool, src, src, arr("int64", 1), nt.float32, nt.float32)
-    if spec["kernel"] == "merge":
-        return nt.void(arr(f32, 5), arr(f32, 5), nt.float64, arr(spec["out_storage"], 4), arr(f32, 3))
-    if spec["kernel"] == "prefill_mma":  # flat uint16 q, flat k / v storage, out as uint32 pairs, flat lse
+    if kind == "merge_pair":
+        v = arr(spec["out_storage"], 2)
+        return nt.void(v, arr(f32, 1), v, arr(f32, 1), v, arr(f32, 1))
+    if kind == "merge_states":
+        return nt.void(arr(spec["out_storage"], 4), arr(f32, 3), arr(spec["out_storage"], 3), arr(f32, 2))
+    work = arr("int32", 2)
+    if kind == "prefill_mma":  # flat uint16 q, flat k / v storage, out as uint32 pairs, flat lse
         u16, kv = arr("uint16", 1), arr(spec["kv_storage"], 1)
-        return nt.void(u16, kv, kv, arr("int32", 2), arr("int32", 1), nt.int64, nt.int64, nt.int64,
-                       nt.int64, nt.float64, nt.float64, nt.boolean, arr("uint32", 1), arr(f32, 1),
-                       arr("int32", 1))
-    q, word, table, lens = arr(spec["q_storage"], 4), spec["word"], arr("int32", 2), arr("int32", 1)
-    tail = (nt.float64, nt.float64, nt.boolean, arr(spec["out_storage"], 4), arr(f32, 3))
-    if spec["kernel"] == "tiled":
-        return nt.void(q, arr(word, 4), arr(word, 4), table, lens, *tail, arr("int32", 1))
-    return nt.void(q, arr(word, 1), arr(word, 1), table, lens, nt.int64, nt.int64, *tail, arr(f32, 5),
-                   arr(f32, 5), arr("int32", 1))
+        return nt.void(u16, kv, kv, arr("int32", 2), arr("int32", 1), work, nt.int64, nt.int64, nt.int64,
+                       nt.int64, nt.int64, nt.float64, nt.float64, nt.boolean, nt.int64, nt.float64,
+                       arr(f32, 1), arr("uint32", 1), arr(f32, 1), arr("int32", 1))
+    if kind == "merge":
+        return nt.void(arr(f32, 5), arr(f32, 5), work, nt.int64, nt.int64, nt.float64,
+                       arr(spec["out_storage"], 2), arr(f32, 1))
+    q, word, table, lens = arr(spec["q_storage"], 2), spec["word"], arr("int32", 2), arr("int32", 1)
+    mid = (nt.float64, nt.float64, nt.boolean, nt.int64, nt.float64, arr(f32, 1))
+    tail = (arr(spec["out_storage"], 2), arr(f32, 1))
+    if kind == "tiled":
+        return nt.void(q, arr(word, 4), arr(word, 4), table, lens, work, nt.int64, nt.int64, nt.int64, *mid,
+                       *tail, arr("int32", 1))
+    return nt.void(q, arr(word, 1), arr(word, 1), table, lens, work, nt.int64, nt.int64, nt.int64, nt.int64,
+                   nt.int64, *mid, *tail, arr(f32, 5), arr(f32, 5), arr("int32", 1))
 
 
 def _backward_signature(spec, arr):
-    """The launches of ``CudaClient.run_bwd``: delta (dout, out, lse, delta, lse2); dK/dV (q, dout,
-    k, v, table, seq_lens, bs, scale, causal, delta, lse2, dk, dv) with k, v, dk, dv as
-    [N * bs, Hkv, D]; dQ the same with dq [B, H, Sq, D] in place of dk, dv; fill (a); encode (src,
-    out), 1-D."""
+    """The launches of ``CudaClient.run_bwd``: delta (dout, out [rows, D], lse, delta, lse2 [rows]);
+    dK/dV (q, dout, k, v, table, seq_lens, work, bs, H, stride_h, stride_i, scale, causal, window,
+    softcap, slopes, delta, lse2, dk, dv) with k, v, dk, dv as [N * bs, Hkv, D]; dQ the same with
+    dq [rows, D] in place of dk, dv; fill (a); encode (src, out), 1-D."""
     from numba import types as nt
 
     f32 = "float32"
-    kind = spec["kernel"]
+    kind = spec["kernel"].removesuffix("+mods").removesuffix("+window")
     if kind == "bwd_fill":
         return nt.void(arr(f32, 1))
     if kind == "bwd_encode":
         return nt.void(arr(f32, 1), arr(spec["out_storage"], 1))
     st = spec["q_storage"]
     if kind == "bwd_delta":
-        return nt.void(arr(st, 4), arr(st, 4), arr(f32, 3), arr(f32, 3), arr(f32, 3))
-    head = (arr(st, 4), arr(st, 4), arr(st, 3), arr(st, 3), arr("int32", 2), arr("int32", 1), nt.int64,
-            nt.float64, nt.boolean, arr(f32, 3), arr(f32, 3))
+        return nt.void(arr(st, 2), arr(st, 2), arr(f32, 1), arr(f32, 1), arr(f32, 1))
+    head = (arr(st, 2), arr(st, 2), arr(st, 3), arr(st, 3), arr("int32", 2), arr("int32", 1), arr("int32", 2),
+            nt.int64, nt.int64, nt.int64, nt.int64, nt.float64, nt.boolean, nt.int64, nt.float64, arr(f32, 1),
+            arr(f32, 1), arr(f32, 1))
     if kind == "bwd_dkdv":
         return nt.void(*head, arr(f32, 3), arr(f32, 3))
-    return nt.void(*head, arr(st, 4))
+    return nt.void(*head, arr(st, 2))
 
 
 # ------------------------------------------------------------------------------ compiling
@@ -355,22 +418,26 @@ def _error_location(exc):
 def _factory(spec):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    if spec["kernel"] == "tiled":
+    kind = spec["kernel"].removesuffix("+mods").removesuffix("+window")
+    if kind in ("merge_pair", "merge_states"):
+        from paged_numba.kernels.cuda.merge_state import pair_kernel, states_kernel
+        return (pair_kernel if kind == "merge_pair" else states_kernel)(**spec["factory"])
+    if kind == "tiled":
         from paged_numba.kernels.cuda.paged_attention import tiled_kernel
         return tiled_kernel(**spec["factory"])
-    if spec["kernel"] == "prefill_mma":
+    if kind == "prefill_mma":
         from paged_numba.kernels.cuda.paged_prefill import prefill_kernel
         return prefill_kernel(**spec["factory"])
-    if spec["kernel"].startswith("bwd_"):
+    if kind.startswith("bwd_"):
         from paged_numba.kernels.cuda import paged_attention_bwd as bwd
         factory = {"bwd_delta": bwd.delta_kernel, "bwd_dkdv": bwd.dkdv_kernel, "bwd_dq": bwd.dq_kernel,
-                   "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel}[spec["kernel"]]
+                   "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel}[kind]
         return factory(**spec["factory"])
     if spec["kernel"] == "write_kv":
         from paged_numba.kernels.cuda.write_kv import write_kv_kernel
         return write_kv_kernel(**spec["factory"])
     from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
-    return (decode_kernel if spec["kernel"] == "decode" else merge_kernel)(**spec["factory"])
+    return (decode_kernel if kind == "decode" else merge_kernel)(**spec["factory"])
 
 
 def compile_one(spec, ccs) -> list:
@@ -409,14 +476,15 @@ def _worker(args):
 
 def _cost(spec):
     # Rough compile cost, to hand the big kernels out first.
-    return (spec["kernel"] not in ("merge", "write_kv"), spec["D"] or 0)
+    return (spec["kernel"] not in ("merge", "write_kv", "merge_pair", "merge_states"), spec["D"] or 0)
 
 
-def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None) -> list:
+def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, progress=None,
+          only=None, head_dims=None) -> list:
     """Compile every specialization for every cc in ``ccs`` (tuples like (9, 0) or ints like 90);
     returns one dict per (specialization, cc), in enumeration order. Never raises for a kernel
     that fails to compile: its dict has ok=False and the error. ``jobs`` > 1 compiles in that many
-    worker processes."""
+    worker processes. ``only`` (kernel names, e.g. "decode+mods") and ``head_dims`` narrow the set."""
     import numba
     if numba.config.ENABLE_CUDASIM:
         raise RuntimeError("cuda_compile_check: NUMBA_ENABLE_CUDASIM is set in this process; "
@@ -424,6 +492,10 @@ def check(ccs=DEFAULT_CCS, quick: bool = False, partitions=None, jobs: int = 1, 
                            "process without it (python scripts/cuda_compile_check.py clears it)")
     ccs = tuple(_as_cc(c) for c in ccs)
     specs = specializations(quick, partitions)
+    if only:
+        specs = [sp for sp in specs if sp["kernel"] in only]
+    if head_dims:
+        specs = [sp for sp in specs if sp["D"] in head_dims]
     order = sorted(range(len(specs)), key=lambda i: _cost(specs[i]), reverse=True)
     results = [None] * len(specs)
     if jobs <= 1:
@@ -479,8 +551,9 @@ def format_table(rows) -> str:
 
 def format_summary(rows) -> str:
     out = []
-    for kernel in ("decode", "tiled", "merge", "write_kv", "bwd_delta", "bwd_dkdv", "bwd_dq", "bwd_fill",
-                   "bwd_encode"):
+    for kernel in ("decode", "decode+mods", "tiled", "tiled+mods", "merge", "write_kv", "bwd_delta", "bwd_dkdv",
+                   "bwd_dkdv+mods", "bwd_dq", "bwd_dq+mods", "bwd_fill", "bwd_encode", "merge_pair",
+                   "merge_states"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]
@@ -522,6 +595,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None,
                     help="worker processes (default: the CPUs this process may use)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="compile only these kernels (decode, decode+mods, tiled, tiled+mods, merge, write_kv, "
+                         "bwd_delta, bwd_dkdv, bwd_dkdv+mods, bwd_dq, bwd_dq+mods, bwd_fill, bwd_encode, "
+                         "merge_pair, merge_states)")
+    ap.add_argument("--head-dims", nargs="+", type=int, default=None, help="compile only these head dims")
     args = ap.parse_args(argv)
 
     missing = missing_libraries()
@@ -539,7 +617,7 @@ def main(argv=None) -> int:
         print(f"[{n:3d}/{total}] {r['kernel']:6s} {r['spec']}  {status}  {time.perf_counter() - t0:6.1f} s",
               file=sys.stderr, flush=True)
 
-    rows = check(ccs, args.quick, args.pt, jobs=jobs, progress=progress)
+    rows = check(ccs, args.quick, args.pt, jobs=jobs, progress=progress, only=args.only, head_dims=args.head_dims)
     wall = time.perf_counter() - t0
     import numba
     import numba_cuda

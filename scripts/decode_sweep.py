@@ -85,9 +85,12 @@ def main():
         dq = cuda.to_device(q.view(np.uint16))
         kw = cuda.to_device(k.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
         vw = cuda.to_device(v.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
-        table_d, lens_d, flag = client._metadata(cfg)
-        out = cuda.device_array(cfg.q_shape, np.uint16)
-        lse = cuda.device_array(cfg.q_shape[:3], np.float32)
+        meta = client._metadata(cfg)
+        _, sh, si = cfg.row_layout()
+        dq = dq.reshape(B * H, D)
+        out = cuda.device_array((B * H, D), np.uint16)
+        lse = cuda.device_array(B * H, np.float32)
+        slopes = meta.slopes
         kv_bytes = 2 * N * bs * Hkv * D * kd.itemsize
         start, stop = cuda.event(), cuda.event()
         print(f"B{B} H{H}/{Hkv} D{D} L{L} {kvn}: {kv_bytes / 1e6:.0f} MB of K/V", flush=True)
@@ -112,10 +115,11 @@ def main():
             merge = merge_kernel(D, cfg.q_dtype.code, 128)
 
             def launch():
-                kern[(rows_blocks, n_parts), NT](dq, kw, vw, table_d, lens_d, bs, Hkv, cfg.scale, 1.0, False, out,
-                                                 lse, po, pml, flag)
+                kern[(rows_blocks, n_parts), NT](dq, kw, vw, meta.table, meta.lens, meta.work, bs, Hkv, H, sh, si,
+                                                 cfg.scale, 1.0, False, -1, 0.0, slopes, out, lse, po, pml,
+                                                 meta.flag)
                 if n_parts > 1:
-                    merge[B * H, 128](po, pml, 1.0, out, lse)
+                    merge[B * H, 128](po, pml, meta.work, sh, si, 1.0, out, lse)
 
             def elapsed(reps=args.reps, runs=args.runs):
                 launch()

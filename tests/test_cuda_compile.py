@@ -1,5 +1,7 @@
 """Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, the
-tensor-core prefill, merge, write_kv, the backward) compiles to a cubin for sm_90 with no GPU, and none spills registers.
+tensor-core prefill, merge, write_kv, the backward, merge_state(s); decode / tiled / tensor-core
+prefill with a window, backward also with softcap + ALiBi) compiles to a cubin for sm_90 with no GPU, and none
+spills registers.
 
 Runs ``scripts/cuda_compile_check.py`` in a subprocess without ``NUMBA_ENABLE_CUDASIM`` (numba's
 ``cuda.compile`` does not work inside a simulator process), so it runs the same in the CPU lane and
@@ -32,6 +34,11 @@ BWD_DTYPES = ("f32", "f16", "bf16")     # the backward: delta, dK/dV, dQ per hea
 # write_kv: (pool, rows) -- float pools take their own dtype, FP8 pools f32 / f16 / bf16 rows.
 WRITE_KV_PAIRS = {("f32", "f32"), ("f16", "f16"), ("bf16", "bf16")} | {
     (p, r) for p in ("e4m3", "e5m2") for r in ("f32", "f16", "bf16")}
+# softcap + ALiBi specializations: these head dims and dtype triples (the backward: f32 / bf16).
+MOD_HEAD_DIMS = (64, 128, 256)
+MOD_DTYPE_TRIPLES = (("f32", "f32", "f32"), ("bf16", "bf16", "bf16"), ("bf16", "e4m3", "bf16"))
+MOD_BWD_DTYPES = ("f32", "bf16")
+MMA_MOD_PAIRS = (("bf16", "bf16"), ("bf16", "e4m3"))   # (q, kv) of the 16-bit MOD triples
 
 
 def _missing_compiler_libraries() -> list:
@@ -94,9 +101,26 @@ def _assert_report(rows, stdout, ccs, partitions):
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = sorted(r["out"] for r in rows if r["kernel"] in ("bwd_fill", "bwd_encode") and r["cc"] == cc)
         assert got == ["bf16", "f16", "f32"], f"fill / encode {cc}: {got}"
+        for kernel in ("decode+mods", "tiled+mods"):
+            got = {(r["D"], r["q"], r["kv"], r["out"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, q, kv, out) for D in MOD_HEAD_DIMS for q, kv, out in MOD_DTYPE_TRIPLES}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        for kernel in ("bwd_dkdv+mods", "bwd_dq+mods"):
+            got = {(r["D"], r["q"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, name) for D in MOD_HEAD_DIMS for name in MOD_BWD_DTYPES}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == "prefill_mma+window" and r["cc"] == cc}
+        want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
+        assert got == want, f"prefill_mma+window {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        for kernel in ("merge_pair", "merge_states"):
+            got = {(r["D"], r["out"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, name) for D in HEAD_DIMS for name in BWD_DTYPES}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
     # decode: a GQA group at every partition size and one row per KV head at the first; tiled: one
     per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 2) + len(OUT_DTYPES))
-              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS))
+              + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS)
+              + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
+              + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

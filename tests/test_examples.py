@@ -139,3 +139,13 @@ def test_bench_shows_progress_then_a_table():
         ("causal prefill attention", "f32"), ("append 1 token x B", "f32"), ("append 1 token x B", "fp8_e4m3"),
         ("append a prompt", "f32"), ("fork + CoW append + free", "f32")], log
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), log
+
+
+def test_shared_prefix_cascade_matches_plain_attention():
+    res = _run_example("shared_prefix.py", "--runtime", "cpu", "--batch", "8", "--prefix", "256", "--reps", "2")
+    log = f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, log
+    err = re.search(r"max \|cascade - plain\| \(out and lse\) = ([0-9.eE+-]+): PASS", res.stdout)
+    assert err and float(err.group(1)) < 1e-4, log
+    assert re.search(r"plain attention:\s+[0-9.]+ ms", res.stdout), log
+    assert re.search(r"cascade \+ merge:\s+[0-9.]+ ms .*time saved -?[0-9.]+ ms", res.stdout), log

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
+from paged_numba.ops.reference import paged_attention_fwd_ref
 from helpers import (BF16, F16, OUT_TOL, RUNTIMES, assert_fwd_close, assert_unchanged, make_case, reference,
                      seed_of, snapshot)
 
@@ -35,9 +36,9 @@ def spy(monkeypatch):
     calls = []
     real = paged_prefill.prefill_kernel
 
-    def counted(*a):
-        calls.append(a)
-        return real(*a)
+    def counted(*a, **kw):
+        calls.append((a, kw))
+        return real(*a, **kw)
     monkeypatch.setattr(paged_prefill, "prefill_kernel", counted)
     return calls
 
@@ -49,7 +50,7 @@ def tiles(request, monkeypatch):
     if request.param != "default":
         from paged_numba.runtime import cuda as cuda_rt
         sim = pn.get_runtime("cuda").simulator
-        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False: (2, 1, 16) if sim else (4, 1, 64))
+        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False, window=False: (2, 1, 16) if sim else (4, 1, 64))
     return request.param
 
 
@@ -107,3 +108,26 @@ def test_mma_prefill_fp8_kv(spy, fmt, qdtype, case):
     assert len(spy) == 1, "the tensor-core prefill did not run"
     ref_out, ref_lse = paged_attention_fwd_fp8_ref(q, k8, v8, bt, **kw)
     assert_fwd_close(out, lse, ref_out, ref_lse, qdtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("window", [-1, 0, 5, 40], ids=["nowin", "win0", "win5", "win40"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_mma_prefill_ragged_and_window(spy, dtype, window, causal):
+    """A ragged batch (token-major q, per-sequence query counts 0, 1, 9, 20 -- only the two with
+    more than 4 queries reach the tiled path) with sliding windows smaller than a block, across
+    blocks and beyond L: the tensor-core kernel serves the tiled sequences."""
+    B, H, Hkv, D, bs = 4, 2, 1, 16, 3
+    lens = [5, 7, 23, 40]
+    qn = np.array([0, 1, 9, 20])
+    rng = np.random.default_rng(seed_of("mma-ragged", str(dtype), window, causal))
+    _, k, v, bt, sl = make_case(rng, B, H, Hkv, 1, D, bs, lens, dtype, shared=True)
+    cu = np.concatenate([[0], np.cumsum(qn)]).astype(np.int32)
+    q = rng.standard_normal((int(cu[-1]), H, D)).astype(dtype)
+    kw = dict(seq_lens=sl, causal=causal, cu_seqlens_q=cu, window_left=window)
+    before = snapshot(q, k, v, bt, sl, cu)
+    out, lse = pn.paged_attention_fwd(q, k, v, bt, runtime="cuda", **kw)
+    assert_unchanged(before, q, k, v, bt, sl, cu)
+    assert len(spy) == 1, "the tensor-core prefill did not run"
+    ref_out, ref_lse = paged_attention_fwd_ref(q, k, v, bt, **kw)
+    assert_fwd_close(out, lse, ref_out, ref_lse, dtype)

@@ -11,7 +11,8 @@ import numpy as np
 from ..dtypes import DType, from_storage, to_storage
 from ..runtime import get_runtime
 from ..tensor import Tensor
-from .config import bwd_config, fwd_config, fwd_fp8_config, write_kv_config
+from .config import (bwd_config, fwd_config, fwd_fp8_config, merge_state_config, merge_states_config,
+                     write_kv_config)
 
 
 def _pick_runtime(arrays: dict, runtime):
@@ -34,6 +35,16 @@ def _pick_runtime(arrays: dict, runtime):
     return get_runtime(runtime), False
 
 
+def _require_score_mods(rt, cfg):
+    """A runtime whose client does not declare ``supports_score_mods`` runs plain calls only."""
+    if cfg.plain or getattr(rt.client, "supports_score_mods", False):
+        return
+    used = [name for name, on in (("cu_seqlens_q", cfg.ragged), ("window_left", cfg.window_left >= 0),
+                                  ("softcap", cfg.softcap != 0.0), ("alibi_slopes", cfg.alibi_slopes is not None))
+            if on]
+    raise NotImplementedError(f"{', '.join(used)}: not yet on the {rt.name} runtime (use runtime='cuda')")
+
+
 def _storage(x, dt: DType, rt):
     """Storage of ``x`` on ``rt`` (zero-copy for Tensors and contiguous NumPy arrays on cpu)."""
     if isinstance(x, Tensor):
@@ -53,17 +64,29 @@ def _wrap(storage, dt: DType, rt, as_tensor: bool):
 
 def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
                         seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
-                        *, seq_lens=None, scale=None, runtime=None):
+                        *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
+                        alibi_slopes=None, runtime=None):
     """Paged attention forward -> ``(out [B, H, Sq, D] in q's dtype, lse float32 [B, H, Sq])``.
 
     ``q`` [B, H, Sq, D]; ``k_blocks``, ``v_blocks`` [N, bs, Hkv, D] (or [N, bs, D]), q's dtype
     (F32 / F16 / BF16); ``block_table`` int [B, M]: token t of sequence b is slot ``t % bs`` of
     block ``block_table[b, t // bs]``; ``seq_lens`` int [B] (default ``seq_len_k``, else M * bs).
-    Causal masks are bottom-right aligned. See SPEC.md for the full contract.
+    Causal masks are bottom-right aligned.
+
+    Ragged batches: with ``cu_seqlens_q`` (int [B + 1], non-decreasing from 0) q is token-major
+    [T, H, D], T = cu_seqlens_q[-1], sequence b owns rows ``cu[b]:cu[b + 1]`` (its last q_len_b
+    tokens, q_len_b <= seq_lens[b], which is then required); out is [T, H, D], lse [T, H].
+    Score modifiers, applied in this order after the scale: ``softcap`` > 0 gives
+    ``softcap * tanh(s / softcap)``; ``alibi_slopes`` (float32 [H]) adds ``-slope_h * |p - j|``;
+    then the masks: causal ``j <= p`` and, with ``window_left`` >= 0, ``j >= p - window_left``,
+    for a query at absolute position p and key j.
     """
     rt, as_tensor = _pick_runtime({"q": q, "k_blocks": k_blocks, "v_blocks": v_blocks}, runtime)
     cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
-                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
+                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
+                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
+    _require_score_mods(rt, cfg)
     out, lse = rt.client.run_fwd(
         cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
         _storage(v_blocks, cfg.kv_dtype, rt))
@@ -73,17 +96,22 @@ def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_
 def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
                             seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None,
                             causal=False, q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0,
-                            *, seq_lens=None, scale=None, fp8_format=None, runtime=None):
+                            *, seq_lens=None, scale=None, fp8_format=None, cu_seqlens_q=None,
+                            window_left=-1, softcap=0.0, alibi_slopes=None, runtime=None):
     """Paged attention forward over an FP8 KV cache -> ``(out, lse)``.
 
     ``k_blocks``, ``v_blocks``: FP8 (ml_dtypes ``float8_e4m3fn`` / ``float8_e5m2``, or ``uint8`` with
     ``fp8_format``); ``q``: FP8 of the same format or F32 / F16 / BF16. Real value = code x scale for
-    q, k, v; the stored output is o / o_scale in q's dtype (FP8 saturating).
+    q, k, v; the stored output is o / o_scale in q's dtype (FP8 saturating). ``cu_seqlens_q``,
+    ``window_left``, ``softcap``, ``alibi_slopes`` as in ``paged_attention_fwd`` (the scale that
+    the softcap follows is the whole dequantized one: scale * q_scale * k_scale).
     """
     rt, as_tensor = _pick_runtime({"q": q, "k_blocks": k_blocks, "v_blocks": v_blocks}, runtime)
     cfg = fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
                          seq_len_k, head_dim, block_size, causal, q_scale, k_scale, v_scale, o_scale,
-                         seq_lens=seq_lens, scale=scale, fp8_format=fp8_format)
+                         seq_lens=seq_lens, scale=scale, fp8_format=fp8_format, cu_seqlens_q=cu_seqlens_q,
+                         window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
+    _require_score_mods(rt, cfg)
     out, lse = rt.client.run_fwd_fp8(
         cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
         _storage(v_blocks, cfg.kv_dtype, rt))
@@ -92,13 +120,19 @@ def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, 
 
 def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
                         num_kv_heads=None, seq_len_q=None, seq_len_k=None, head_dim=None,
-                        block_size=None, causal=False, *, seq_lens=None, scale=None, runtime=None):
+                        block_size=None, causal=False, *, seq_lens=None, scale=None, cu_seqlens_q=None,
+                        window_left=-1, softcap=0.0, alibi_slopes=None, runtime=None):
     """Paged attention backward -> ``(dq, dk_blocks, dv_blocks)``; gradients of blocks shared by
-    several sequences are summed, slots no valid token reads are zero."""
+    several sequences are summed, slots no valid token reads are zero. The keywords must be
+    those of the forward that gave ``output`` and ``lse`` (with ``cu_seqlens_q``: dout, output
+    [T, H, D], lse [T, H]); the gradient goes through the softcap's tanh."""
     data = {"dout": dout, "q": q, "k_blocks": k_blocks, "v_blocks": v_blocks, "output": output, "lse": lse}
     rt, as_tensor = _pick_runtime(data, runtime)
     cfg = bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads, num_kv_heads,
-                     seq_len_q, seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
+                     seq_len_q, seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
+                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
+    _require_score_mods(rt, cfg)
     qd, kd = cfg.q_dtype, cfg.kv_dtype
     dq, dk, dv = rt.client.run_bwd(
         cfg, _storage(dout, qd, rt), _storage(q, qd, rt), _storage(k_blocks, kd, rt),
@@ -140,4 +174,31 @@ def write_kv(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_scale=1.0
     return None
 
 
-__all__ = ["paged_attention_bwd", "paged_attention_fwd", "paged_attention_fwd_fp8", "write_kv"]
+def merge_state(v_a, s_a, v_b, s_b, *, runtime=None):
+    """Merge two attention states over disjoint key sets (FlashInfer's cascade merge) -> ``(v, s)``.
+
+    ``v_a``, ``v_b`` [..., D] (F32 / F16 / BF16, one dtype): attention outputs normalized over
+    their own keys; ``s_a``, ``s_b`` float32 [...]: their natural-log LSEs (as the forward returns
+    them). ``s = ln(e^s_a + e^s_b)``, ``v = (e^s_a v_a + e^s_b v_b) / e^s`` in float32, v in the
+    inputs' dtype; a row whose two states are -inf gives v = 0, s = -inf (its v is never read).
+    """
+    rt, as_tensor = _pick_runtime({"v_a": v_a, "s_a": s_a, "v_b": v_b, "s_b": s_b}, runtime)
+    cfg = merge_state_config(v_a, s_a, v_b, s_b)
+    dt = cfg.dtype
+    v, s = rt.client.run_merge_state(cfg, _storage(v_a, dt, rt), _storage(s_a, DType.F32, rt),
+                                     _storage(v_b, dt, rt), _storage(s_b, DType.F32, rt))
+    return _wrap(v, dt, rt, as_tensor), _wrap(s, DType.F32, rt, as_tensor)
+
+
+def merge_states(v, s, *, runtime=None):
+    """Merge K states per row -> ``(v [T, H, D], s float32 [T, H])``: ``v`` [T, K, H, D] (F32 /
+    F16 / BF16), ``s`` float32 [T, K, H] natural-log LSEs; rows whose states are all -inf (or
+    K = 0) give 0 / -inf. See ``merge_state``."""
+    rt, as_tensor = _pick_runtime({"v": v, "s": s}, runtime)
+    cfg = merge_states_config(v, s)
+    vo, so = rt.client.run_merge_states(cfg, _storage(v, cfg.dtype, rt), _storage(s, DType.F32, rt))
+    return _wrap(vo, cfg.dtype, rt, as_tensor), _wrap(so, DType.F32, rt, as_tensor)
+
+
+__all__ = ["merge_state", "merge_states", "paged_attention_bwd", "paged_attention_fwd",
+           "paged_attention_fwd_fp8", "write_kv"]

@@ -7,7 +7,12 @@ trust the config and never re-check. The block table and lengths are copied (int
 unread entries zeroed), so the caller's arrays are never modified and nothing is read out of bounds.
 
 Symbols: B batch, H query heads, Hkv KV heads, Sq queries per sequence, D head_dim, N physical
-blocks, bs block_size, M max blocks per sequence.
+blocks, bs block_size, M max blocks per sequence, T query tokens of a ragged batch.
+
+Ragged batches (``cu_seqlens_q``, int [B + 1]): q is token-major [T, H, D], sequence b owns rows
+``cu[b]:cu[b + 1]``. The config then carries per-sequence query starts / counts and a work list
+built once per call: the sequences with 1..``DECODE_MAX_Q`` queries go to the decode path, longer
+ones to the tiled path (sequences without queries to neither).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..tensor import Tensor
 
 FLOAT_TYPES = (DType.F32, DType.F16, DType.BF16)
 _F32_MAX = float(np.finfo(np.float32).max)
+DECODE_MAX_Q = 4     # a sequence with at most this many queries takes the decode path
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +51,16 @@ class PagedAttnConfig:
     k_scale: float = 1.0
     v_scale: float = 1.0
     o_scale: float = 1.0
+    # Ragged batches and score modifiers (defaults: the dense [B, H, Sq, D] layout, plain scores).
+    ragged: bool = False         # cu_seqlens_q given: q token-major [T, H, D]; Sq = max q_len
+    T: int = 0                   # query tokens (ragged), B * Sq otherwise
+    q_start: np.ndarray = None   # int32 [B]: first query token of sequence b (ragged: cu[b])
+    q_lens: np.ndarray = None    # int32 [B]: queries of sequence b (dense: Sq each)
+    decode_seqs: np.ndarray = None   # int32: sequences with 1..DECODE_MAX_Q queries (decode path)
+    tiled_seqs: np.ndarray = None    # int32: sequences with more queries (tiled path)
+    window_left: int = -1        # >= 0: query at p sees keys j >= p - window_left
+    softcap: float = 0.0         # > 0: s = softcap * tanh(s / softcap) after the scale
+    alibi_slopes: np.ndarray = None  # float32 [H]: s -= slope_h * |p - j| after the softcap
 
     @property
     def G(self) -> int:
@@ -52,7 +68,40 @@ class PagedAttnConfig:
 
     @property
     def q_shape(self) -> tuple:
-        return (self.B, self.H, self.Sq, self.D)
+        """q, out, dout: [T, H, D] when ragged, else [B, H, Sq, D]; lse is ``q_shape[:-1]``."""
+        return (self.T, self.H, self.D) if self.ragged else (self.B, self.H, self.Sq, self.D)
+
+    @property
+    def lse_shape(self) -> tuple:
+        return self.q_shape[:-1]
+
+    @property
+    def plain(self) -> bool:
+        """The dense layout with unmodified scores (no window, softcap or ALiBi)."""
+        return (not self.ragged and self.window_left < 0 and self.softcap == 0.0
+                and self.alibi_slopes is None)
+
+    def row_layout(self):
+        """(row0 int32 [B], stride_h, stride_i): query i of sequence b, head h, is row
+        ``row0[b] + h * stride_h + i * stride_i`` of q / out viewed as [rows, D] (lse: [rows])."""
+        if self.ragged:
+            return (self.q_start.astype(np.int64) * self.H).astype(np.int32), 1, self.H
+        return (np.arange(self.B, dtype=np.int64) * self.H * self.Sq).astype(np.int32), self.Sq, 1
+
+    def key_start(self) -> np.ndarray:
+        """int64 [B]: the first key any query of sequence b can see (0 without a window)."""
+        if self.window_left < 0:
+            return np.zeros(self.B, np.int64)
+        first = self.seq_lens.astype(np.int64) - self.q_lens
+        return np.maximum(0, first - self.window_left)
+
+    @property
+    def max_span(self) -> int:
+        """Most keys a sequence with queries can see: max over b of L_b - key_start(b)."""
+        has = self.q_lens > 0
+        if not has.any():
+            return 0
+        return int((self.seq_lens.astype(np.int64) - self.key_start())[has].max())
 
     @property
     def kv_shape(self) -> tuple:
@@ -213,23 +262,134 @@ def _check_causal(causal) -> bool:
     return bool(causal)
 
 
-def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_lens, scale):
-    B, H, Sq, D, N, bs, Hkv, kv_3d = _qkv_shapes(q, k_blocks, v_blocks)
+def _window(window_left) -> int:
+    if isinstance(window_left, (bool, np.bool_)) or not isinstance(window_left, numbers.Integral):
+        raise TypeError(f"window_left: expected an int (-1 = no window), got {type(window_left).__name__}")
+    w = int(window_left)
+    if w < -1:
+        raise ValueError(f"window_left: expected -1 (no window) or an int >= 0, got {w}")
+    if w >= 2 ** 31 - 1:        # as wide as any length the kernels index: no window
+        return -1
+    return w
+
+
+def _softcap(softcap) -> float:
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a real number (0 = none), got {type(softcap).__name__}")
+    c = float(softcap)
+    if not math.isfinite(c) or c < 0.0:
+        raise ValueError(f"softcap: expected a finite number >= 0 (0 = none), got {c}")
+    if c != 0.0 and not (np.float32(c) > 0 and np.isfinite(np.float32(c))):
+        raise ValueError(f"softcap: expected a float32-representable number > 0, got {c:g}")
+    return c
+
+
+def _alibi(slopes, H):
+    if slopes is None:
+        return None
+    if isinstance(slopes, Tensor):
+        arr = slopes.numpy()
+    elif isinstance(slopes, (list, tuple)):
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) for x in slopes):
+            raise TypeError("alibi_slopes: expected float32 [H] (an array, or a list of numbers)")
+        arr = np.asarray(slopes, np.float32)
+    elif isinstance(slopes, np.ndarray):
+        arr = slopes
+    else:
+        raise TypeError(f"alibi_slopes: expected a float32 array [H], got {type(slopes).__name__}")
+    if arr.dtype != np.float32:
+        raise TypeError(f"alibi_slopes: expected dtype float32, got {arr.dtype}")
+    if arr.shape != (H,):
+        raise ValueError(f"alibi_slopes: expected shape [H={H}] (one slope per query head), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("alibi_slopes: expected finite slopes, got inf or NaN")
+    return np.ascontiguousarray(arr, np.float32).copy()
+
+
+def _ragged_q(q, cu_seqlens_q, seq_lens):
+    """((T, H, D), cu int64 [B + 1]) of a token-major q and its offsets, or ValueError."""
+    qs, _, _ = _shape_dtype(q, "q")
+    if len(qs) != 3:
+        raise ValueError(f"q: expected 3-D token-major [T, H, D] with cu_seqlens_q, got {len(qs)}-D shape {qs}")
+    if seq_lens is None:
+        raise ValueError("seq_lens: required with cu_seqlens_q (the key length of each sequence)")
+    cu = _host_ints(cu_seqlens_q, "cu_seqlens_q")
+    if cu.ndim != 1 or cu.size < 1:
+        raise ValueError(f"cu_seqlens_q: expected 1-D [B + 1], got shape {cu.shape}")
+    cu = cu.astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens_q: expected cu_seqlens_q[0] = 0, got {int(cu[0])}")
+    dec = np.flatnonzero(np.diff(cu) < 0)
+    if dec.size:
+        b = int(dec[0])
+        raise ValueError(f"cu_seqlens_q: expected non-decreasing offsets, got cu_seqlens_q[{b}] = {int(cu[b])} "
+                         f"> cu_seqlens_q[{b + 1}] = {int(cu[b + 1])}")
+    if int(cu[-1]) != qs[0]:
+        raise ValueError(f"cu_seqlens_q: the last offset {int(cu[-1])} must equal q's token count T = {qs[0]} "
+                         f"(q shape {qs})")
+    return qs, cu
+
+
+def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_lens, scale,
+            cu_seqlens_q=None, window_left=-1, softcap=0.0, alibi_slopes=None):
+    cu = None
+    if cu_seqlens_q is not None:
+        (T, H, D), cu = _ragged_q(q, cu_seqlens_q, seq_lens)
+        if cu.size - 1 != _host_ints(block_table, "block_table").shape[0]:
+            bt_shape = _host_ints(block_table, "block_table").shape
+            raise ValueError(f"cu_seqlens_q: expected [B + 1] = [{bt_shape[0] + 1}] (block_table has B = "
+                             f"{bt_shape[0]} rows), got shape {(cu.size,)}")
+        qlens = np.diff(cu)
+        Sq = int(qlens.max(initial=0))
+        B = cu.size - 1
+        _, _, _, _, N, bs, Hkv, kv_3d = _qkv_shapes(_Shape((B, H, Sq, D)), k_blocks, v_blocks)
+    else:
+        B, H, Sq, D, N, bs, Hkv, kv_3d = _qkv_shapes(q, k_blocks, v_blocks)
+        T = B * Sq
+        qlens = np.full(B, Sq, np.int64)
     _check_params(params, H, Hkv, Sq, D, bs)
     causal = _check_causal(causal)
     scale = 1.0 / math.sqrt(D) if scale is None else _finite(scale, "scale")
     if not abs(scale) <= _F32_MAX:
         raise ValueError(f"scale: expected a float32-representable number (|scale| <= {_F32_MAX:.4g}), got {scale:g}")
+    window_left = _window(window_left)
+    softcap = _softcap(softcap)
+    slopes = _alibi(alibi_slopes, H)
     table, lens, M = _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs)
+    if cu is not None:
+        over = np.flatnonzero(qlens > lens)
+        if over.size:
+            b = int(over[0])
+            raise ValueError(f"cu_seqlens_q: sequence {b} has {int(qlens[b])} queries but seq_lens[{b}] = "
+                             f"{int(lens[b])} keys (each q_len must be <= its seq_len: the queries are the "
+                             "last tokens of the sequence)")
+        q_start = cu[:-1].astype(np.int32)
+    else:
+        q_start = (np.arange(B, dtype=np.int64) * Sq).astype(np.int32)
+    has = qlens > 0
+    decode = has & (qlens <= DECODE_MAX_Q)
     return dict(B=B, H=H, Hkv=Hkv, Sq=Sq, D=D, N=N, bs=bs, M=M, causal=causal, scale=scale,
-                kv_3d=kv_3d, block_table=table, seq_lens=lens)
+                kv_3d=kv_3d, block_table=table, seq_lens=lens, ragged=cu is not None, T=int(T),
+                q_start=q_start, q_lens=qlens.astype(np.int32),
+                decode_seqs=np.flatnonzero(decode).astype(np.int32),
+                tiled_seqs=np.flatnonzero(has & ~decode).astype(np.int32),
+                window_left=window_left, softcap=softcap, alibi_slopes=slopes)
+
+
+class _Shape:
+    """Stands in for q in the pool checks of a ragged call (only its shape is read)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.dtype = np.float32
 
 
 # ------------------------------------------------------------------------------ entry points
 
 def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
                seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
-               *, seq_lens=None, scale=None) -> PagedAttnConfig:
+               *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
+               alibi_slopes=None) -> PagedAttnConfig:
     """Config of ``paged_attention_fwd``: q, k_blocks, v_blocks all F32, all F16 or all BF16."""
     qd = _float_dtype(q, "q")
     kd = _float_dtype(k_blocks, "k_blocks")
@@ -238,9 +398,10 @@ def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=
         if dt != qd:
             raise TypeError(f"{name}: expected q's dtype {qd.value}, got {dt.value} "
                             "(mixed dtypes are not supported; cast one side)")
+    mods = dict(cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
     fields = _common(q, k_blocks, v_blocks, block_table,
                      (num_heads, num_kv_heads, seq_len_q, head_dim, block_size),
-                     seq_len_k, causal, seq_lens, scale)
+                     seq_len_k, causal, seq_lens, scale, **mods)
     return PagedAttnConfig(q_dtype=qd, kv_dtype=kd, **fields)
 
 
@@ -262,7 +423,8 @@ def _fp8_kv_dtype(x, name, fmt) -> DType:
 def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
                    seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
                    q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0,
-                   *, seq_lens=None, scale=None, fp8_format=None) -> PagedAttnConfig:
+                   *, seq_lens=None, scale=None, fp8_format=None, cu_seqlens_q=None, window_left=-1,
+                   softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
     """Config of ``paged_attention_fwd_fp8``: FP8 K/V of one format; q FP8 of it, or F32/F16/BF16."""
     fmt = None if fp8_format is None else fp8_dtype(fp8_format)
     kd = _fp8_kv_dtype(k_blocks, "k_blocks", fmt)
@@ -282,17 +444,21 @@ def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_he
               (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("o_scale", o_scale))}
     fields = _common(q, k_blocks, v_blocks, block_table,
                      (num_heads, num_kv_heads, seq_len_q, head_dim, block_size),
-                     seq_len_k, causal, seq_lens, scale)
+                     seq_len_k, causal, seq_lens, scale, cu_seqlens_q=cu_seqlens_q,
+                     window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
     return PagedAttnConfig(q_dtype=qd, kv_dtype=kd, **fields, **scales)
 
 
 def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
                num_kv_heads=None, seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None,
-               causal=False, *, seq_lens=None, scale=None) -> PagedAttnConfig:
+               causal=False, *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1,
+               softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
     """Config of ``paged_attention_bwd``: the forward's checks, plus dout / output like q and
-    lse float32 [B, H, Sq]."""
+    lse float32 [B, H, Sq] ([T, H] when ragged)."""
     cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
-                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale)
+                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
+                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
     for name, x in (("dout", dout), ("output", output)):
         shape, dt, npdt = _shape_dtype(x, name)
         if shape != cfg.q_shape:
@@ -300,8 +466,9 @@ def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=
         if dt != cfg.q_dtype:
             raise TypeError(f"{name}: expected q's dtype {cfg.q_dtype.value}, got {_dtype_name(dt, npdt)}")
     shape, dt, npdt = _shape_dtype(lse, "lse")
-    if shape != cfg.q_shape[:3]:
-        raise ValueError(f"lse: expected shape [B, H, Sq] = {cfg.q_shape[:3]}, got {shape}")
+    if shape != cfg.lse_shape:
+        what = "[T, H]" if cfg.ragged else "[B, H, Sq]"
+        raise ValueError(f"lse: expected shape {what} = {cfg.lse_shape}, got {shape}")
     if dt != DType.F32:
         raise TypeError(f"lse: expected dtype f32 (as the forward returns it), got {_dtype_name(dt, npdt)}")
     return cfg
@@ -435,6 +602,59 @@ def write_kv_config(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_sc
                          v_scale=_pool_scale(v_scale, "v_scale", pd))
 
 
+# ------------------------------------------------------------------------------ merge_state(s)
+
+@dataclass(frozen=True, eq=False)
+class MergeConfig:
+    """A validated ``merge_state`` (K = 2 states, v [R, D] after flattening the leading axes) or
+    ``merge_states`` (v [T, K, H, D]) call; ``out_shape`` / ``lse_shape`` are the results'."""
+    dtype: DType                 # v's dtype (F32 / F16 / BF16); the merged v has it too
+    v_shape: tuple
+    out_shape: tuple
+    lse_shape: tuple
+
+
+def _merge_v(x, name) -> DType:
+    return _float_dtype(x, name, hint_fp8=False)
+
+
+def _merge_s(x, name, want):
+    shape, dt, npdt = _shape_dtype(x, name)
+    if shape != tuple(want):
+        raise ValueError(f"{name}: expected shape {tuple(want)} (v's shape without its last axis), got {shape}")
+    if dt != DType.F32:
+        raise TypeError(f"{name}: expected dtype f32 (natural-log LSEs, as the forward returns them), got "
+                        f"{_dtype_name(dt, npdt)}")
+
+
+def merge_state_config(v_a, s_a, v_b, s_b) -> MergeConfig:
+    """Config of ``merge_state``: v_a, v_b [..., D] of one float dtype and shape, s_a, s_b float32
+    [...] (v's shape without D)."""
+    dt = _merge_v(v_a, "v_a")
+    va, _, _ = _shape_dtype(v_a, "v_a")
+    if len(va) < 1:
+        raise ValueError("v_a: expected at least 1-D [..., D], got a 0-D array")
+    vb, dtb, npb = _shape_dtype(v_b, "v_b")
+    if vb != va:
+        raise ValueError(f"v_b: expected v_a's shape {va}, got {vb}")
+    if dtb != dt:
+        raise TypeError(f"v_b: expected v_a's dtype {dt.value}, got {_dtype_name(dtb, npb)}")
+    _merge_s(s_a, "s_a", va[:-1])
+    _merge_s(s_b, "s_b", va[:-1])
+    return MergeConfig(dtype=dt, v_shape=va, out_shape=va, lse_shape=va[:-1])
+
+
+def merge_states_config(v, s) -> MergeConfig:
+    """Config of ``merge_states``: v [T, K, H, D] of a float dtype, s float32 [T, K, H]."""
+    dt = _merge_v(v, "v")
+    vs, _, _ = _shape_dtype(v, "v")
+    if len(vs) != 4:
+        raise ValueError(f"v: expected 4-D [T, K, H, D] (K states per row), got {len(vs)}-D shape {vs}")
+    _merge_s(s, "s", vs[:-1])
+    T, _, H, D = vs
+    return MergeConfig(dtype=dt, v_shape=vs, out_shape=(T, H, D), lse_shape=(T, H))
+
+
 def _same_memory(a, b) -> bool:
     a = a.storage if isinstance(a, Tensor) else a
     b = b.storage if isinstance(b, Tensor) else b
@@ -443,5 +663,5 @@ def _same_memory(a, b) -> bool:
     return a is b
 
 
-__all__ = ["FP8_MAX", "PagedAttnConfig", "WriteKVConfig", "bwd_config", "fwd_config", "fwd_fp8_config",
-           "write_kv_config"]
+__all__ = ["DECODE_MAX_Q", "FP8_MAX", "MergeConfig", "PagedAttnConfig", "WriteKVConfig", "bwd_config",
+           "fwd_config", "fwd_fp8_config", "merge_state_config", "merge_states_config", "write_kv_config"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtypes import decode_f32, encode_f32
+
 
 class Device:
     def __init__(self, kind: str, index: int = 0, description: str = ""):
@@ -73,6 +75,39 @@ class Client:
         FP8 pools get ``value / scale``, rounded to nearest even and saturated."""
         raise NotImplementedError(f"write_kv is not implemented on {self.runtime.name!r}")
 
+    def merge_state(self, *args, **kwargs):
+        from ..ops import merge_state
+
+        return merge_state(*args, runtime=self.runtime, **kwargs)
+
+    def merge_states(self, *args, **kwargs):
+        from ..ops import merge_states
+
+        return merge_states(*args, runtime=self.runtime, **kwargs)
+
+    def run_merge_state(self, cfg, v_a, s_a, v_b, s_b):
+        """Storage of v_a, v_b [..., D] (``cfg.dtype``) and float32 s_a, s_b [...] -> (v, s).
+        This default merges on the host in float32 NumPy (zero-copy on the cpu runtime); device
+        runtimes override it with a kernel."""
+        rt = self.runtime
+        D = cfg.v_shape[-1]
+        va, vb = (decode_f32(rt.to_host(x), cfg.dtype).reshape(-1, 1, D) for x in (v_a, v_b))
+        sa, sb = (rt.to_host(x).reshape(-1, 1) for x in (s_a, s_b))
+        v, s = merge_host(np.concatenate([va, vb], axis=1), np.concatenate([sa, sb], axis=1))
+        return (rt.from_host(encode_f32(v, cfg.dtype).reshape(cfg.out_shape)),
+                rt.from_host(s.reshape(cfg.lse_shape)))
+
+    def run_merge_states(self, cfg, v, s):
+        """Storage of v [T, K, H, D] and float32 s [T, K, H] -> (v [T, H, D], s [T, H]); host
+        NumPy by default, as ``run_merge_state``."""
+        rt = self.runtime
+        T, K, H, D = cfg.v_shape
+        vf = np.moveaxis(decode_f32(rt.to_host(v), cfg.dtype).reshape(T, K, H, D), 1, 2).reshape(T * H, K, D)
+        sf = np.moveaxis(rt.to_host(s).reshape(T, K, H), 1, 2).reshape(T * H, K)
+        vo, so = merge_host(vf, sf)
+        return (rt.from_host(encode_f32(vo, cfg.dtype).reshape(cfg.out_shape)),
+                rt.from_host(so.reshape(cfg.lse_shape)))
+
     def run_copy_block(self, pool, src: int, dst: int):
         """Copy physical block ``src`` of ``pool`` (native storage, blocks on axis 0) onto block
         ``dst``, in place: NumPy assignment, or a device-to-device copy for device arrays."""
@@ -80,6 +115,23 @@ class Client:
             pool[dst] = pool[src]
         else:
             pool[dst].copy_to_device(pool[src])
+
+
+def merge_host(v: np.ndarray, s: np.ndarray):
+    """float32 v [R, K, D], s [R, K] (natural-log LSEs) -> merged (v [R, D], s [R]) in float32:
+    weights e^(s_k - max s), states at -inf weigh (and are read) nothing, all--inf rows give 0 / -inf."""
+    v = np.asarray(v, np.float32)
+    s = np.asarray(s, np.float32)
+    m = s.max(axis=1, initial=-np.inf)
+    live = s > -np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.where(live, np.exp(s - np.where(m > -np.inf, m, 0)[:, None]), np.float32(0))
+        tot = w.sum(axis=1, dtype=np.float32)
+        acc = np.einsum("rk,rkd->rd", w, np.where(live[..., None], v, np.float32(0)), dtype=np.float32)
+        ok = tot > 0
+        out = np.where(ok[:, None], acc / np.where(ok, tot, 1)[:, None], np.float32(0)).astype(np.float32)
+        lse = np.where(ok, m + np.log(np.where(ok, tot, 1)), -np.inf).astype(np.float32)
+    return out, lse
 
 
 class Runtime:

@@ -24,8 +24,11 @@ _DECODE_TILE_BYTES = 8192  # bytes of K (and as many of V) per shared-memory til
 _DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in registers)
 _DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
 _SCRATCH_KEEP = 8    # scratch buffers kept per thread (metadata per (B, M), split-K partials per shape)
-_DECODE_MAX_SQ = 4   # more queries per sequence than this: the tiled kernel
+_DECODE_MAX_SQ = 4   # more queries per sequence: the tiled kernel (= ops.config.DECODE_MAX_Q, the work list's cut)
 _STATIC_SMEM = 48 * 1024  # dynamic shared memory above this needs the kernel's opt-in attribute
+
+
+_Meta = collections.namedtuple("_Meta", "table lens work slopes flag")
 
 
 def _import_cuda():
@@ -88,25 +91,26 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
     return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
-def mma_tiles(D: int, sim: bool, fp8: bool = False) -> tuple:
+def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False) -> tuple:
     """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
     for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
     (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
     shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
     fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; with FP8 K/V (whose
-    decode pass needs registers of its own) 8 warps of 16 rows over 64-key tiles, the fastest
-    spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
+    decode pass needs registers of its own) or a sliding window (per-row lower bounds) 8 warps of
+    16 rows over 64-key tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
     registers). The simulator runs 1 warp of 2 m-tiles over 16-key tiles (tests swap in others)."""
     if sim:
         return 1, 2, 16
     if D > 128:
         return 4, 1, 32
-    return (8, 1, 64) if fp8 else (4, 2, 32)
+    return (8, 1, 64) if fp8 or window else (4, 2, 32)
 
 
 class CudaClient(Client):
-    #: F16 / BF16 prefill (Sq > 4, head dims multiple of 16) on tensor cores; False: the SIMT
-    #: tiled kernel (kept for head dims that are not multiples of 16, and for comparisons).
+    supports_score_mods = True    # cu_seqlens_q, window_left, softcap, alibi_slopes
+    #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) on tensor cores; False:
+    #: the SIMT tiled kernel (kept for F32, other head dims, FP8 q, and for comparisons).
     prefill_mma = True
 
     def __init__(self, runtime):
@@ -129,7 +133,7 @@ class CudaClient(Client):
         rt = self.runtime
         dt = cfg.q_dtype            # the backward takes one dtype for q, k, v
         N, bs, Hkv, D = cfg.kv_shape
-        B, H, Sq = cfg.q_shape[:3]
+        B, H = cfg.B, cfg.H
         dq = cuda.device_array(cfg.q_shape, dt.storage)
         n_pool = N * bs * Hkv * D
         dk = cuda.device_array(n_pool, np.float32)
@@ -139,20 +143,24 @@ class CudaClient(Client):
         if n_pool:
             fill_kernel()[EB, ET](dk)
             fill_kernel()[EB, ET](dv)
-        n_rows = B * H * Sq
+        n_rows = int(np.prod(cfg.lse_shape))
         if dq.size:
-            table, lens, _ = self._metadata(cfg)
-            delta = cuda.device_array((B, H, Sq), np.float32)
-            lse2 = cuda.device_array((B, H, Sq), np.float32)
-            delta_kernel(D, dt.code)[-(-n_rows // ET), ET](dout, out, lse, delta, lse2)
+            meta = self._metadata(cfg)
+            _, sh, si = cfg.row_layout()
+            q2, do2, o2, dq2 = (x.reshape(n_rows, D) for x in (q, dout, out, dq))
+            delta = cuda.device_array(n_rows, np.float32)
+            lse2 = cuda.device_array(n_rows, np.float32)
+            delta_kernel(D, dt.code)[-(-n_rows // ET), ET](do2, o2, lse.reshape(n_rows), delta, lse2)
             BQ, BK, TY = bwd_tiles(D, rt.simulator)
             k3, v3 = k.reshape(N * bs, Hkv, D), v.reshape(N * bs, Hkv, D)
             dk3, dv3 = dk.reshape(N * bs, Hkv, D), dv.reshape(N * bs, Hkv, D)
-            if cfg.max_len:
-                dkdv_kernel(D, dt.code, BQ, BK, TY)[(B * Hkv, -(-cfg.max_len // BK)), 8 * TY](
-                    q, dout, k3, v3, table, lens, bs, cfg.scale, cfg.causal, delta, lse2, dk3, dv3)
-            dq_kernel(D, dt.code, BQ, BK, TY)[(B * H, -(-Sq // BQ)), 8 * TY](
-                q, dout, k3, v3, table, lens, bs, cfg.scale, cfg.causal, delta, lse2, dq)
+            mods = self._mods(cfg)
+            args = (q2, do2, k3, v3, meta.table, meta.lens, meta.work, bs, H, sh, si, cfg.scale, cfg.causal,
+                    cfg.window_left, cfg.softcap, meta.slopes, delta, lse2)
+            if cfg.max_span:
+                dkdv_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * Hkv, -(-cfg.max_span // BK)), 8 * TY](
+                    *args, dk3, dv3)
+            dq_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * H, -(-cfg.Sq // BQ)), 8 * TY](*args, dq2)
         if dt.code != F32 and n_pool:
             dk16 = cuda.device_array(n_pool, dt.storage)
             dv16 = cuda.device_array(n_pool, dt.storage)
@@ -163,76 +171,118 @@ class CudaClient(Client):
             dk, dv = (cuda.device_array(n_pool, dt.storage) for _ in range(2))
         return dq, dk.reshape(k.shape), dv.reshape(v.shape)
 
+    @staticmethod
+    def _mods(cfg) -> dict:
+        """The kernels' compile-time score-modifier flags."""
+        return dict(SOFTCAP=cfg.softcap > 0.0, ALIBI=cfg.alibi_slopes is not None)
+
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
+        """The work list routes each sequence: up to ``_DECODE_MAX_SQ`` queries to the split-K decode
+        kernel, more to the tiled kernel -- a mixed (ragged) batch runs both, each on its own
+        sequences, writing disjoint rows of one output."""
+        cuda = self._cuda
+        out = cuda.device_array(cfg.q_shape, cfg.q_dtype.storage)
+        lse = cuda.device_array(cfg.lse_shape, np.float32)
+        if out.size == 0:
+            if lse.size:
+                lse = cuda.to_device(np.full(cfg.lse_shape, -np.inf, np.float32))
+            return out, lse
+        meta = self._metadata(cfg)
+        n_rows = lse.size
+        out2, lse1 = out.reshape(n_rows, cfg.D), lse.reshape(n_rows)
+        q2 = q.reshape(n_rows, cfg.D)
+        if cfg.tiled_seqs.size:
+            self._tiled(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
+        if cfg.decode_seqs.size:
+            self._decode(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
+        self._check(meta.flag, cfg)
+        return out, lse
+
+    def _tiled(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
+        """The tiled (prefill) kernels over ``cfg.tiled_seqs``: on tensor cores when
+        ``_mma_prefill_ok``, else the SIMT kernel; both handle every layout, mask and score
+        modifier."""
+        if self._mma_prefill_ok(cfg, q2, k, v):
+            return self._tiled_mma(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
+        from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
+
+        D, kd = cfg.D, cfg.kv_dtype
+        wdt = _word_dtype(D * kd.itemsize)
+        _, sh, si = cfg.row_layout()
+        sq = int(cfg.q_lens[cfg.tiled_seqs].max())
+        BQ, BK, NTT = tile_shape(D, self.runtime.simulator)
+        kw = k.reshape(cfg.kv_shape).view(wdt)
+        vw = v.reshape(cfg.kv_shape).view(wdt)
+        kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT,
+                            **self._mods(cfg))
+        kern[(cfg.tiled_seqs.size * cfg.H, -(-sq // BQ)), NTT](
+            q2, kw, vw, meta.table, meta.lens, meta.work, cfg.H, sh, si, qk_scale, out_scale, cfg.causal,
+            cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, meta.flag)
+
+    def _decode(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
+        """The split-K decode kernel (and its merge) over ``cfg.decode_seqs``; partitions cover each
+        sequence's keys from the first one its window lets a query see."""
         from ..kernels.cuda.paged_decode import decode_kernel, merge_kernel
 
         cuda = self._cuda
         rt = self.runtime
-        out = cuda.device_array(cfg.q_shape, cfg.q_dtype.storage)
-        lse = cuda.device_array(cfg.q_shape[:3], np.float32)
-        if out.size == 0:
-            if lse.size:
-                lse = cuda.to_device(np.full(cfg.q_shape[:3], -np.inf, np.float32))
-            return out, lse
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _word_dtype(D * kd.itemsize)
         bs, Hkv = cfg.kv_shape[1:3]
-        table, lens, flag = self._metadata(cfg)
-        if cfg.Sq > _DECODE_MAX_SQ and self._mma_prefill_ok(cfg, q, k, v):
-            from ..kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
-
-            NW, MT, BK = mma_tiles(D, rt.simulator, kd.is_fp8)
-            kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code)
-            args = (q.reshape(q.size), k.reshape(k.size), v.reshape(v.size), table, lens, cfg.H, cfg.Sq,
-                    bs, Hkv, qk_scale, out_scale, cfg.causal, out.reshape(out.size).view(np.uint32),
-                    lse.reshape(lse.size), flag)
-            grid = (cfg.B * Hkv, -(-cfg.G * cfg.Sq // (16 * MT * NW)))
-            self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args)
-            self._check(flag, cfg)
-            return out, lse
-        if cfg.Sq > _DECODE_MAX_SQ:
-            from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
-
-            BQ, BK, NTT = tile_shape(D, rt.simulator)
-            kw = k.reshape(cfg.kv_shape).view(wdt)
-            vw = v.reshape(cfg.kv_shape).view(wdt)
-            kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT)
-            kern[(cfg.B * cfg.H, -(-cfg.Sq // BQ)), NTT](q, kw, vw, table, lens, qk_scale, out_scale,
-                                                          cfg.causal, out, lse, flag)
-            self._check(flag, cfg)
-            return out, lse
-        rows = cfg.G * cfg.Sq
-        rows_blocks = cfg.B * Hkv * -(-rows // _decode_rows(rows))
-        PT = self._partition(cfg.max_len, rows_blocks)
-        n_parts = max(1, -(-cfg.max_len // PT))
+        _, sh, si = cfg.row_layout()
+        seqs = cfg.decode_seqs
+        sq = int(cfg.q_lens[seqs].max())
+        span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
+        rows = cfg.G * sq
+        rows_blocks = seqs.size * Hkv * -(-rows // _decode_rows(rows))
+        PT = self._partition(span, rows_blocks)
+        n_parts = max(1, -(-span // PT))
         geo = decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
         NT = geo["NT"]
-        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo)
+        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo,
+                             **self._mods(cfg))
         kr = k.reshape(k.size).view(wdt)    # flat word arrays
         vr = v.reshape(v.size).view(wdt)
-        if n_parts == 1:
-            dummy = self._cached("dummy", lambda: cuda.device_array((1, 1, 1, 1, 1), np.float32))
-            kern[(rows_blocks, 1), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal, out,
-                                       lse, dummy, dummy, flag)
+        shape = (seqs.size, cfg.H, sq, n_parts)
+        if n_parts == 1:   # the kernel writes out / lse itself; po / pml only carry the shape
+            po, pml = self._cached(("dummy", sq), lambda: (cuda.device_array((1, 1, sq, 1, 1), np.float32),) * 2)
         else:
-            shape = (cfg.B, cfg.H, cfg.Sq, n_parts)
             po, pml = self._cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32),
                                                                  cuda.device_array((*shape, 2), np.float32)))
-            kern[(rows_blocks, n_parts), NT](q, kr, vr, table, lens, bs, Hkv, qk_scale, out_scale, cfg.causal,
-                                             out, lse, po, pml, flag)
+        kern[(rows_blocks, n_parts), NT](q2, kr, vr, meta.table, meta.lens, meta.work, bs, Hkv, cfg.H, sh, si,
+                                         qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
+                                         meta.slopes, out2, lse1, po, pml, meta.flag)
+        if n_parts > 1:
             MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
-            merge_kernel(D, cfg.q_dtype.code, MT)[cfg.B * cfg.H * cfg.Sq, MT](po, pml, out_scale, out, lse)
-        self._check(flag, cfg)
-        return out, lse
+            merge_kernel(D, cfg.q_dtype.code, MT)[seqs.size * cfg.H * sq, MT](po, pml, meta.work, sh, si,
+                                                                               out_scale, out2, lse1)
+
+    def _tiled_mma(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
+        from ..kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
+
+        D, kd = cfg.D, cfg.kv_dtype
+        bs, Hkv = cfg.kv_shape[1:3]
+        _, sh, si = cfg.row_layout()
+        sq = int(cfg.q_lens[cfg.tiled_seqs].max())
+        window = cfg.window_left >= 0
+        NW, MT, BK = mma_tiles(D, self.runtime.simulator, kd.is_fp8, window)
+        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window)
+        args = (q2.reshape(q2.size), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens, meta.work,
+                cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
+                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
+        grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
+        self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args)
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
         exactly into q's dtype), head dims that are multiples of 16 and 16-byte aligned q / K / V
-        (cp.async copies 16 bytes)."""
+        (cp.async copies 16 bytes); ragged batches and windows, but not softcap / ALiBi yet."""
         code = cfg.q_dtype.code
         if not (self.prefill_mma and code in (F16, BF16) and cfg.D % 16 == 0
                 and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)):
             return False
+        if cfg.softcap > 0.0 or cfg.alibi_slopes is not None:
+            return False    # score modifiers: the SIMT kernel (the modified tensor-core loop spills)
         if self.runtime.simulator:
             return True
         return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
@@ -256,24 +306,37 @@ class CudaClient(Client):
         kern[grid, block, 0, smem](*args)
 
     def _metadata(self, cfg):
-        """(table [B, M], seq_lens [B], flag [1]) on the device, uploaded in one synchronous copy
-        from pinned memory into buffers kept per (B, M) -- the copy is ordered after any earlier
-        kernel that still reads them, and numba's array slicing and allocation cost more host time
-        than the kernels of a decode step."""
+        """The call's metadata on the device -- table [B, M], seq_lens [B], work [4, B] (first q row,
+        q_len, decode list, tiled list), ALiBi slopes [H] (float32) and the finiteness flag [1] --
+        uploaded in one synchronous copy from pinned memory into buffers kept per (B, M, H): the copy
+        is ordered after any earlier kernel that still reads them, and numba's array slicing and
+        allocation cost more host time than the kernels of a decode step."""
         B, M = cfg.block_table.shape
-        host, table, lens, flag, dev = self._cached(("meta", B, M), lambda: self._new_metadata(B, M))
+        H = cfg.H
+        host, meta, dev = self._cached(("meta", B, M, H), lambda: self._new_metadata(B, M, H))
         host[:B * M] = cfg.block_table.reshape(-1)
         host[B * M:B * M + B] = cfg.seq_lens
+        w = host[B * M + B:B * M + 5 * B].reshape(4, B)
+        w[0] = cfg.row_layout()[0]
+        w[1] = cfg.q_lens
+        w[2:] = 0
+        w[2, :cfg.decode_seqs.size] = cfg.decode_seqs
+        w[3, :cfg.tiled_seqs.size] = cfg.tiled_seqs
+        sl = host[B * M + 5 * B:B * M + 5 * B + H].view(np.float32)
+        sl[:] = 0.0 if cfg.alibi_slopes is None else cfg.alibi_slopes
         host[-1] = 0
         dev.copy_to_device(host)
-        return table, lens, flag
+        return meta
 
-    def _new_metadata(self, B, M):
+    def _new_metadata(self, B, M, H):
         cuda = self._cuda
-        n = B * M + B + 1
+        n = B * M + 5 * B + max(H, 1) + 1
         host = cuda.pinned_array(n, np.int32)
         dev = cuda.device_array(n, np.int32)
-        return host, dev[:B * M].reshape(B, M), dev[B * M:B * M + B], dev[B * M + B:], dev
+        o = B * M
+        meta = _Meta(table=dev[:o].reshape(B, M), lens=dev[o:o + B], work=dev[o + B:o + 5 * B].reshape(4, B),
+                     slopes=dev[o + 5 * B:o + 5 * B + max(H, 1)].view(np.float32), flag=dev[n - 1:])
+        return host, meta, dev
 
     def _cached(self, key, make):
         """Per-thread scratch kept across calls (the few most recent keys)."""
@@ -304,6 +367,32 @@ class CudaClient(Client):
         while pt > 64 and row_blocks * -(-max_len // pt) < self.runtime.sm_count:
             pt //= 2
         return pt
+
+    def run_merge_state(self, cfg, v_a, s_a, v_b, s_b):
+        from ..kernels.cuda.merge_state import pair_kernel
+
+        cuda = self._cuda
+        D = cfg.v_shape[-1]
+        R = int(np.prod(cfg.lse_shape))
+        out = cuda.device_array(cfg.out_shape, cfg.dtype.storage)
+        lse = cuda.device_array(cfg.lse_shape, np.float32)
+        if R:
+            NT = 32 if self.runtime.simulator else min(128, 32 * -(-D // 32))
+            pair_kernel(D, cfg.dtype.code, NT)[R, NT](v_a.reshape(R, D), s_a.reshape(R), v_b.reshape(R, D),
+                                                      s_b.reshape(R), out.reshape(R, D), lse.reshape(R))
+        return out, lse
+
+    def run_merge_states(self, cfg, v, s):
+        from ..kernels.cuda.merge_state import states_kernel
+
+        cuda = self._cuda
+        T, K, H, D = cfg.v_shape
+        out = cuda.device_array(cfg.out_shape, cfg.dtype.storage)
+        lse = cuda.device_array(cfg.lse_shape, np.float32)
+        if T * H:
+            NT = 32 if self.runtime.simulator else min(128, 32 * -(-D // 32))
+            states_kernel(D, cfg.dtype.code, NT)[T * H, NT](v, s, out, lse)
+        return out, lse
 
     def run_write_kv(self, cfg, k_pool, v_pool, k, v):
         from ..kernels.cuda.write_kv import write_kv_kernel

@@ -5,19 +5,31 @@ N physical blocks, bs block_size, M max blocks per sequence; R query rows per th
 
 ``decode_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
-- ``q``      [B, H, Sq, D] storage of q (float32, uint16 bits, uint8 FP8 codes)
+- ``q``      [rows, D] storage of q (float32, uint16 bits, uint8 FP8 codes): q [B, H, Sq, D] or a
+  token-major ragged q [T, H, D] viewed as rows; query i of sequence b, head h, is row
+  ``work[0, b] + h * stride_h + i * stride_i``
 - ``k``, ``v`` the K/V pools [N, bs, Hkv, D] as flat arrays of machine words (uint64 / uint32 /
   uint16 / uint8 views of the storage; W words per row, E = D / W elements per word, decoded in the
   kernel); row (slot s, KV head h) starts at word (s * Hkv + h) * W
 - ``table``  int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
-- ``seq_lens`` int32 [B]; ``bs`` the block size; ``n_kv_heads`` Hkv; ``qk_scale`` multiplies
-  q . k; ``out_scale`` multiplies the output
-- ``out``    [B, H, Sq, D] storage of the output dtype, ``lse`` float32 [B, H, Sq] (one partition)
-- ``po``     float32 [B, H, Sq, P, D], ``pml`` float32 [B, H, Sq, P, 2] (several partitions: each
-  partition's normalized output, its running max in base 2 and its sum, for ``merge_kernel``)
+- ``seq_lens`` int32 [B]; ``work`` int32 [4, B]: row 0 the first q row of each sequence, row 1
+  its query count q_len_b, row 2 the sequences of the decode work list (the grid's x covers
+  its first ``n_dec`` entries), row 3 the tiled work list (``paged_attention``)
+- ``bs`` the block size; ``n_kv_heads`` Hkv; ``n_heads`` H; ``stride_h``, ``stride_i``;
+  ``qk_scale`` multiplies q . k; ``out_scale`` multiplies the output
+- ``causal``; ``window`` (-1: none; else query position p sees keys t >= p - window);
+  ``softcap`` (used when the factory's SOFTCAP: s = softcap tanh(s / softcap)); ``slopes`` float32
+  [H] (ALIBI: s -= slopes[h] |p - t|)
+- ``out``    [rows, D] storage of the output dtype, ``lse`` float32 [rows] (one partition)
+- ``po``     float32 [n_dec, H, SQ, P, D], ``pml`` float32 [n_dec, H, SQ, P, 2] (several partitions:
+  each partition's normalized output, its running max in base 2 and its sum, for ``merge_kernel``)
 - ``flag``   int32 [1], set to 1 when a visible score is not finite (the client raises)
 
-Grid (B * Hkv * row chunks, P partitions), NT threads. A thread block serves R rows of one
+Query i of a sequence with q_len queries and L keys sits at p = L - q_len + i (bottom-right).
+Partitions start at the first key the window lets any of the sequence's queries see,
+``max(0, L - q_len - window)``, so keys before it are never read.
+
+Grid (n_dec * Hkv * row chunks, P partitions), NT threads. A thread block serves R rows of one
 (sequence, KV head) -- rows are (GQA head g, query i) pairs, so the whole group shares every K/V
 load -- over one partition of PT tokens. The block first resolves the partition's tokens to pool
 rows through the block table (once, into shared memory). It then walks the partition in tiles of
@@ -83,12 +95,25 @@ def _row_slice(tile, o, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code):
                 xs[cc * E + e] = 0.0
 
 
+@cuda.jit(device=True, inline=True)
+def _modify(x, cap, inv_cap, slope, dist, SOFTCAP, ALIBI):
+    """A visible score x = scale * q.k (natural units) -> softcap, then ALiBi (dist = p - t), in
+    base-2 units for exp2."""
+    if SOFTCAP:
+        x = cap * math.tanh(x * inv_cap)
+    if ALIBI:
+        x -= slope * float32(abs(dist))
+    return x * float32(LOG2E)
+
+
 @functools.cache
 def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TX: int,
-                  NT: int, R: int, PT: int, TT: int, MAXREG: int = 0):
+                  NT: int, R: int, PT: int, TT: int, MAXREG: int = 0, SOFTCAP: bool = False,
+                  ALIBI: bool = False):
     """The decode kernel specialized on head_dim, dtype codes, word size and geometry: TX lanes per
     token row, NT threads, R query rows, PT tokens per partition, TT tokens per shared-memory tile;
-    MAXREG caps the registers per thread (0: no cap)."""
+    MAXREG caps the registers per thread (0: no cap); SOFTCAP / ALIBI turn the score modifiers on
+    (plain attention pays nothing for them)."""
     EB = ELEM_BITS[kv_code]
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
@@ -108,12 +133,14 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     Q_F32 = q_code == F32
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
+    MOD = SOFTCAP or ALIBI         # scores are modified in natural units, then scaled to base 2
     ACC_N = R * EPL                # q and accumulator registers per thread
     SC_N = TPS * R                 # scores per thread and tile
     assert NZ >= 1 and TT % NZ == 0 and (TX == 1 or SHFL) and (not SHFL or 32 % TX == 0)
 
     @cuda.jit(cache=True, **({} if SIM else {"max_registers": MAXREG or None}))
-    def kernel(q, k, v, table, seq_lens, bs, n_kv_heads, qk_scale, out_scale, causal, out, lse, po, pml, flag):
+    def kernel(q, k, v, table, seq_lens, work, bs, n_kv_heads, n_heads, stride_h, stride_i, qk_scale,
+               out_scale, causal, window, softcap, slopes, out, lse, po, pml, flag):
         # MAXREG is named here so that it is a closure variable of the kernel, hence part of numba's
         # on-disk cache key (the max_registers option alone is not).
         tid = cuda.threadIdx.x + 0 * MAXREG
@@ -121,20 +148,28 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         tz = tid // TX
         part = cuda.blockIdx.y
         n_parts = cuda.gridDim.y
-        H = q.shape[1]
-        Sq = q.shape[2]
+        H = n_heads
         Hkv = n_kv_heads
         G = H // Hkv
-        rows = G * Sq
-        n_rc = (rows + R - 1) // R
+        SQ = po.shape[2]               # most queries of a decode sequence (the grid's row chunks)
+        n_rc = (G * SQ + R - 1) // R
         by = cuda.blockIdx.x
-        b = by // (Hkv * n_rc)
+        wi = by // (Hkv * n_rc)        # entry of the decode work list
         kvh = by // n_rc % Hkv
         rc = by % n_rc
+        b = work[2, wi]
+        Sq = work[1, b]
+        row0 = work[0, b]
+        rows = G * Sq
+        if rc * R >= rows:             # a row chunk this sequence does not have (whole block)
+            return
         L = seq_lens[b]
-        t0 = part * PT
-        ntok = max(0, min(PT, L - t0))
         first = L - Sq                 # position of query 0; query i sees tokens t <= first + i
+        kstart = 0
+        if window >= 0:
+            kstart = max(0, first - window)
+        t0 = kstart + part * PT
+        ntok = max(0, min(PT, L - t0))
 
         slot_s = cuda.shared.array(PT, int64)
         ks = cuda.shared.array(TW, WDT)
@@ -146,19 +181,28 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             t = t0 + j
             slot_s[j] = ((int64(table[b, t // bs]) * bs + t % bs) * Hkv + kvh) * W
         # This lane's slice of the R q rows, scaled, in registers: dims (tx + TX * cc) * E + e.
-        c = float32(qk_scale * LOG2E)
+        c = float32(qk_scale) if MOD else float32(qk_scale * LOG2E)
+        cap = float32(softcap)
+        inv_cap = float32(1.0) / cap if SOFTCAP else float32(0.0)
         qreg = cuda.local.array(ACC_N, float32)
+        rpos = cuda.local.array(R, int64)      # each row's absolute query position
+        rslope = cuda.local.array(R, float32)
         for r in range(R):
             gr = rc * R + r
+            rpos[r] = first + gr % Sq
+            rslope[r] = 0.0
+            if ALIBI and gr < rows:
+                rslope[r] = slopes[kvh * G + gr // Sq]
+            qrow = row0 + (kvh * G + gr // Sq) * stride_h + (gr % Sq) * stride_i
             for cc in range(WPL):
                 w = tx + TX * cc
                 for e in range(E):
                     x = float32(0.0)
                     if gr < rows and (EXACT or w < W):
                         if Q_F32:
-                            x = q[b, kvh * G + gr // Sq, gr % Sq, w * E + e]
+                            x = q[qrow, w * E + e]
                         else:
-                            x = decode_bits(q[b, kvh * G + gr // Sq, gr % Sq, w * E + e], q_code)
+                            x = decode_bits(q[qrow, w * E + e], q_code)
                     qreg[r * EPL + cc * E + e] = x * c
         acc = cuda.local.array(ACC_N, float32)
         for i in range(ACC_N):
@@ -203,16 +247,21 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                 for sh in range(LOG_TX):
                     for i in range(SC_N):
                         sc[i] += cuda.shfl_xor_sync(0xFFFFFFFF, sc[i], TX >> (sh + 1))
-            # Mask (only a tile that reaches past the partition or the causal edge needs it), then
-            # the online softmax (every lane of a group holds the same scores).
-            whole = base + TT <= ntok and (not causal or t0 + base + TT - 1 <= first)
+            # Modify (softcap, ALiBi), mask (only a tile that reaches past the partition, the causal
+            # edge or the window's needs it), then the online softmax (every lane of a group holds
+            # the same scores).
+            whole = (base + TT <= ntok and (not causal or t0 + base + TT - 1 <= first)
+                     and (window < 0 or t0 + base >= first + Sq - 1 - window))
             for j in range(TPS):
                 tt = base + tz + NZ * j
                 for r in range(R):
                     x = sc[j * R + r]
-                    if whole or (tt < ntok and (not causal or t0 + tt <= first + (rc * R + r) % Sq)):
+                    if whole or (tt < ntok and (not causal or t0 + tt <= rpos[r])
+                                 and (window < 0 or t0 + tt >= rpos[r] - window)):
                         if not abs(x) < np.inf:
                             flag[0] = 1
+                        if MOD:
+                            x = _modify(x, cap, inv_cap, rslope[r], rpos[r] - (t0 + tt), SOFTCAP, ALIBI)
                     else:
                         x = NEG_INF
                     sc[j * R + r] = x
@@ -287,6 +336,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             if gq < rows:
                 h = kvh * G + gq // Sq
                 i = gq % Sq
+                orow = row0 + h * stride_h + i * stride_i
                 mm = NEG_INF
                 for p in range(NPART):
                     mm = max(mm, ml_s[p, r, 0])
@@ -304,16 +354,16 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                     if tot > 0:
                         y = s_o * float32(out_scale) / tot
                     if OUT_F32:
-                        out[b, h, i, d] = y
+                        out[orow, d] = y
                     else:
-                        out[b, h, i, d] = encode_bits(y, out_code)
+                        out[orow, d] = encode_bits(y, out_code)
                     if d == 0:
-                        lse[b, h, i] = (mm + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
+                        lse[orow] = (mm + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
                 else:
-                    po[b, h, i, part, d] = s_o / tot if tot > 0 else float32(0.0)
+                    po[wi, h, i, part, d] = s_o / tot if tot > 0 else float32(0.0)
                     if d == 0:
-                        pml[b, h, i, part, 0] = mm if tot > 0 else NEG_INF
-                        pml[b, h, i, part, 1] = tot
+                        pml[wi, h, i, part, 0] = mm if tot > 0 else NEG_INF
+                        pml[wi, h, i, part, 1] = tot
 
     return kernel
 
@@ -321,41 +371,46 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
 @functools.cache
 def merge_kernel(D: int, out_code: int, NT: int):
     """Combine P partitions: out = sum_p l_p 2^(m_p - m) o_p / sum_p l_p 2^(m_p - m).
-    Grid B * H * Sq blocks of NT threads."""
+    Grid n_dec * H * SQ blocks of NT threads (po, pml [n_dec, H, SQ, P, ...] as the decode kernel
+    writes them; out [rows, D], lse [rows] addressed through ``work`` like the decode kernel)."""
     OUT_F32 = out_code == F32
     NEG_INF = float32(-np.inf)
 
     @cuda.jit(cache=True)
-    def kernel(po, pml, out_scale, out, lse):
+    def kernel(po, pml, work, stride_h, stride_i, out_scale, out, lse):
         H = po.shape[1]
-        Sq = po.shape[2]
+        SQ = po.shape[2]
         P = po.shape[3]
         x = cuda.blockIdx.x
-        b = x // (H * Sq)
-        h = x // Sq % H
-        i = x % Sq
+        wi = x // (H * SQ)
+        h = x // SQ % H
+        i = x % SQ
+        b = work[2, wi]
+        if i >= work[1, b]:
+            return
+        orow = work[0, b] + h * stride_h + i * stride_i
         m = NEG_INF
         for p in range(P):
-            m = max(m, pml[b, h, i, p, 0])
+            m = max(m, pml[wi, h, i, p, 0])
         total = float32(0.0)
         if m > NEG_INF:
             for p in range(P):
-                mp = pml[b, h, i, p, 0]
+                mp = pml[wi, h, i, p, 0]
                 if mp > NEG_INF:
-                    total += pml[b, h, i, p, 1] * math.exp2(mp - m)
+                    total += pml[wi, h, i, p, 1] * math.exp2(mp - m)
         for d in range(cuda.threadIdx.x, D, NT):
             acc = float32(0.0)
             if total > 0:
                 for p in range(P):
-                    mp = pml[b, h, i, p, 0]
+                    mp = pml[wi, h, i, p, 0]
                     if mp > NEG_INF:
-                        acc += po[b, h, i, p, d] * (pml[b, h, i, p, 1] * math.exp2(mp - m))
+                        acc += po[wi, h, i, p, d] * (pml[wi, h, i, p, 1] * math.exp2(mp - m))
                 acc = acc * float32(out_scale) / total
             if OUT_F32:
-                out[b, h, i, d] = acc
+                out[orow, d] = acc
             else:
-                out[b, h, i, d] = encode_bits(acc, out_code)
+                out[orow, d] = encode_bits(acc, out_code)
         if cuda.threadIdx.x == 0:
-            lse[b, h, i] = (m + math.log2(total)) * LN2 if total > 0 else NEG_INF
+            lse[orow] = (m + math.log2(total)) * LN2 if total > 0 else NEG_INF
 
     return kernel

@@ -1,35 +1,42 @@
 """Paged-attention prefill on tensor cores (FlashAttention-2 structure over a block table), for
-F16 / BF16 q and K/V and head dims that are multiples of 16.
+F16 / BF16 q (K/V of q's dtype, or FP8 codes decoded into it) and head dims that are multiples of 16.
 
-Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequence, D head_dim,
-N physical blocks, bs block_size, M max blocks per sequence; R = G * Sq query rows per
-(sequence, KV head); BQ = 16 * NW rows per thread block, BK keys per tile, DP = D + 8.
+Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq_b queries of sequence b, D
+head_dim, N physical blocks, bs block_size, M max blocks per sequence; R = G * Sq_b query rows per
+(sequence, KV head); BQ = 16 * MT * NW rows per thread block, BK keys per tile, DP = D + 8.
 
 ``prefill_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
-- ``q``        flat uint16 [B * H * Sq * D]: the bits of q [B, H, Sq, D]
-- ``k``, ``v`` flat uint16 [N * bs * Hkv * D]: the bits of the pools [N, bs, Hkv, D]
+- ``q``        flat uint16 [rows * D]: q as [rows, D]; query i of sequence b, head h, is row
+  ``work[0, b] + h * stride_h + i * stride_i`` (the dense [B, H, Sq, D] and the ragged token-major
+  [T, H, D] layouts differ only in the strides: ``q_row``)
+- ``k``, ``v`` flat [N * bs * Hkv * D] pools [N, bs, Hkv, D]: uint16 bits, or uint8 FP8 codes
 - ``table``    int32 [B, M]: token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
-- ``seq_lens`` int32 [B]; ``H``, ``Sq``, ``bs``, ``Hkv`` the sizes; ``qk_scale`` multiplies q . k,
-  ``out_scale`` the output; ``causal`` bottom-right aligned
-- ``out``      flat uint32 [B * H * Sq * D / 2]: out [B, H, Sq, D] as pairs of 16-bit elements
-- ``lse``      float32 [B, H, Sq] (natural log); ``flag`` int32 [1], set when a visible score is
-  not finite (the client raises)
+- ``seq_lens`` int32 [B]; ``work`` int32 [4, B]: row 0 first q row, row 1 q_len, row 3 the tiled
+  work list (the sequences this launch serves); ``H``, ``stride_h``, ``stride_i``, ``bs``, ``Hkv``;
+  ``qk_scale`` multiplies q . k, ``out_scale`` the output; ``causal`` bottom-right aligned,
+  ``window`` (>= 0: a query at p sees keys j >= p - window), ``softcap``, ``slopes`` float32 [H]
+  (ALiBi; SOFTCAP / ALIBI factory flags)
+- ``out``      flat uint32 [rows * D / 2]: out as pairs of 16-bit elements
+- ``lse``      float32 [rows] (natural log); ``flag`` int32 [1], set when a visible score is not
+  finite (the client raises)
 
-Grid (B * Hkv, ceil(R / BQ)), 32 * NW threads. A block owns BQ rows of one (sequence, KV head):
-row r is query ``r // G`` of head ``kvh * G + r % G``, so the GQA group's rows share every K/V
-tile. Each warp owns 16 rows: their Q fragments stay in registers for the whole walk (head dims
-up to 128; above, they are re-read from shared memory per tile to keep registers for O). K / V tiles
-of BK tokens are gathered through the block table with 16-byte ``cp.async`` copies into shared
-memory (rows padded to DP so ``ldmatrix`` is free of bank conflicts), double buffered: the copy of
-tile j + 1 runs while the block computes on tile j. Per tile, S = Q K^T on ``mma.sync``
-(K fragments by ``ldmatrix``), the online softmax in registers (base 2; row max and sum over a
-quad's 4 lanes), P repacked from the S accumulators into A fragments without leaving registers,
-and O += P V (V fragments by ``ldmatrix.trans``). Tokens at or past the block's last visible key
-are zero-filled, never read, so NaN in unused slots cannot reach a result; key tiles past the
-causal limit are skipped, tiles that cross a row's limit are masked. Row tiles are scheduled
-heaviest (latest queries) first. The layout addressing is confined to ``q_row`` / ``lse_row`` so
-that ragged batches (a per-sequence query start and length) only change those two helpers.
+Grid (len(work list) * Hkv, ceil(max R / BQ)), 32 * NW threads; a row tile past its sequence's R
+returns at once. A block owns BQ rows of one (sequence, KV head): row r is query ``r // G`` of head
+``kvh * G + r % G``, so the GQA group's rows share every K/V tile. Each warp owns 16 * MT rows;
+with MT = 1 and D <= 128 their Q fragments stay in registers for the whole walk, else they are
+re-read from shared memory per k-step (each K / V fragment then feeds MT mma). K / V tiles of BK
+tokens are gathered through the block table (token -> pool row resolved two tiles ahead into a
+ring of slot lists) with 16-byte ``cp.async`` copies into shared memory (rows padded to DP so
+``ldmatrix`` is free of bank conflicts), double buffered: the copy of tile j + 1 runs while the
+block computes on tile j. FP8 codes are staged the same way and decoded (exactly) into the 16-bit
+tile after tile j's math. Per tile, S = Q K^T on ``mma.sync`` (K fragments by ``ldmatrix``), the
+online softmax in registers (base 2; row max and sum over a quad's 4 lanes; softcap / ALiBi
+applied to visible scores first), P repacked from the S accumulators into A fragments without
+leaving registers, and O += P V (V fragments by ``ldmatrix.trans``). The block walks only the keys
+its rows can see (from the first row's window start to the last row's causal limit); tiles that
+cross a row's bounds are masked; tokens past the last visible key are zero-filled, never read, so
+NaN in unused slots cannot reach a result. Row tiles are scheduled heaviest (latest queries) first.
 """
 from __future__ import annotations
 
@@ -47,14 +54,37 @@ from .paged_decode import LN2, LOG2E
 
 
 @cuda.jit(device=True, inline=True)
-def q_row(b, h, i, H, Sq, D):
-    """Element offset of row (b, h, i) of a [B, H, Sq, D] array."""
-    return ((np.int64(b) * H + h) * Sq + i) * D
+def q_row(row0, h, i, stride_h, stride_i):
+    """Row of query i, head h of the sequence whose rows start at row0 (q / out as [rows, D], lse
+    as [rows]): the dense [B, H, Sq, D] layout and the token-major ragged one differ only in the
+    strides."""
+    return np.int64(row0) + np.int64(h) * stride_h + np.int64(i) * stride_i
 
 
 @cuda.jit(device=True, inline=True)
-def lse_row(b, h, i, H, Sq):
-    return (np.int64(b) * H + h) * Sq + i
+def _key_range(p, L, causal, window, WINDOW):
+    """[lo, hi): the keys a query at position p sees (causal: j <= p; WINDOW, a compile-time flag:
+    j >= p - window)."""
+    hi = L
+    if causal:
+        hi = min(L, max(0, p + 1))
+    lo = 0
+    if WINDOW:
+        lo = min(hi, max(0, p - window))
+    return lo, hi
+
+
+@cuda.jit(device=True, inline=True)
+def _modify2(x, cap, inv_cap, slope, dist, SOFTCAP, ALIBI):
+    """``paged_decode._modify`` (softcap, then ALiBi; base-2 units out) with tanh(y) computed as
+    1 - 2 / (2 ** (2 y log2 e) + 1) on the SFU: a libdevice tanhf call inside the unrolled score
+    loop would keep the accumulators out of registers. Absolute error ~1e-7 (+-1 at the ends)."""
+    if SOFTCAP:
+        e = exp2_approx(x * inv_cap * float32(2.0 * LOG2E))
+        x = cap * (float32(1.0) - float32(2.0) / (e + float32(1.0)))
+    if ALIBI:
+        x -= slope * float32(abs(dist))
+    return x * float32(LOG2E)
 
 
 @cuda.jit(device=True, inline=True)
@@ -135,12 +165,15 @@ def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code):
 
 
 @functools.cache
-def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None):
+def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None, SOFTCAP: bool = False,
+                   ALIBI: bool = False, WINDOW: bool = False):
     """The tensor-core prefill for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16
     code: q, out and the mma), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
     tiles), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys per tile (a
-    multiple of 16)."""
+    multiple of 16); SOFTCAP / ALIBI turn the score modifiers on and WINDOW the sliding window (plain
+    attention pays nothing for them)."""
     kv_code = kind if kv_code is None else kv_code
+    MOD = SOFTCAP or ALIBI
     KV8 = kv_code in (E4M3, E5M2)
     NT = 32 * NW
     WR = 16 * MT                 # rows per warp
@@ -161,7 +194,8 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
     S_N, O_N, P_N, R_N = MT * S1, MT * O1, MT * P1, 2 * MT
 
     @cuda.jit(cache=True)
-    def kernel(q, k, v, table, seq_lens, H, Sq, bs, Hkv, qk_scale, out_scale, causal, out, lse, flag):
+    def kernel(q, k, v, table, seq_lens, work, H, stride_h, stride_i, bs, Hkv, qk_scale, out_scale, causal,
+               window, softcap, slopes, out, lse, flag):
         sm = cuda.shared.array(0, uint16)
         sm8 = cuda.shared.array(0, uint8)       # the same dynamic shared memory (FP8 staging)
         sm32 = cuda.shared.array(0, uint32)
@@ -173,30 +207,42 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         l8 = lane % 8
         m8 = lane // 8
         uG = np.uint32(H // Hkv)
-        b = cuda.blockIdx.x // Hkv
+        b = work[3, cuda.blockIdx.x // Hkv]
         kvh = cuda.blockIdx.x % Hkv
-        R = np.uint32(uG * Sq)
+        Sq = work[1, b]
+        R = np.uint32(uG * np.uint32(Sq))
         tile = cuda.gridDim.y - 1 - cuda.blockIdx.y      # heaviest row tiles first
         R0 = np.uint32(tile * BQ)
+        if R0 >= R:                 # a row tile this sequence does not have (the whole block)
+            return
+        row0 = work[0, b]
         L = seq_lens[b]
+        first = L - Sq              # position of query 0
 
-        # Row limits (exclusive key bound) of this thread's 2 * MT rows and of the block.
-        lim = cuda.local.array(R_N, int32)
+        # Visible keys [lo, hi) of this thread's 2 * MT rows, and of the block's first and last rows:
+        # both bounds grow with the query, so the block walks [lo(first), hi(last)) and tiles inside
+        # [lo(last), hi(first)) need no mask.
+        lo = cuda.local.array(R_N, int32)           # visible keys [lo, hi) of each row (lo: WINDOW)
+        hi = cuda.local.array(R_N, int32)
+        pos = cuda.local.array(R_N, int32)          # the rows' query positions (ALIBI)
+        slope = cuda.local.array(R_N, float32)
         for rr in range(R_N):
             r = R0 + np.uint32(w * WR + 16 * (rr // 2) + g + 8 * (rr % 2))
-            x = 0
+            a, z = 0, 0                 # a row past R sees nothing (its output is dropped)
             if r < R:
-                x = L
-                if causal:
-                    x = min(L, max(0, L - Sq + int32(udiv32(r, uG)) + 1))
-            lim[rr] = x
+                i = udiv32(r, uG)
+                a, z = _key_range(first + int32(i), L, causal, window, WINDOW)
+                if ALIBI:
+                    pos[rr] = first + int32(i)
+                    slope[rr] = slopes[kvh * uG + (r - i * uG)]
+            lo[rr] = a
+            hi[rr] = z
         r_last = min(R, R0 + np.uint32(BQ)) - np.uint32(1)
-        kend = L
-        kfull = L                               # keys below this are visible to every row
-        if causal:
-            kend = min(L, max(0, L - Sq + int32(udiv32(r_last, uG)) + 1))
-            kfull = min(L, max(0, L - Sq + int32(udiv32(R0, uG)) + 1))
-        n_tiles = (kend + BK - 1) // BK
+        kbeg, kfull = _key_range(first + int32(udiv32(R0, uG)), L, causal, window, WINDOW)
+        klo, kend = _key_range(first + int32(udiv32(r_last, uG)), L, causal, window, WINDOW)
+        n_tiles = (kend - kbeg + BK - 1) // BK if kend > kbeg else 0
+        cap = float32(softcap)
+        inv_cap = float32(1.0) / cap if SOFTCAP else float32(0.0)
 
         for c in range(tid, BQ * CH, NT):
             row = c // CH
@@ -206,13 +252,13 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             n = 0
             if r < R:
                 i = udiv32(r, uG)
-                src = q_row(b, kvh * uG + (r - i * uG), i, H, Sq, D) + ch * 8
+                src = q_row(row0, kvh * uG + (r - i * uG), i, stride_h, stride_i) * D + ch * 8
                 n = 16
             cp_async16(sm, row * DP + ch * 8, q, src, n)
         # Pool rows of each tile's tokens, resolved two tiles ahead into a ring of 3 slot lists.
         slots = cuda.shared.array((3, BK), int32)
-        _resolve(slots[0], table, b, kvh, 0, kend, bs, Hkv, tid, BK)
-        _resolve(slots[1], table, b, kvh, BK, kend, bs, Hkv, tid, BK)
+        _resolve(slots[0], table, b, kvh, kbeg, kend, bs, Hkv, tid, BK)
+        _resolve(slots[1], table, b, kvh, kbeg + BK, kend, bs, Hkv, tid, BK)
         cuda.syncthreads()
         if n_tiles > 0:
             if KV8:
@@ -243,14 +289,15 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         for rr in range(R_N):
             m[rr] = NEG_INF
             lsum[rr] = 0.0
-        c2 = float32(qk_scale * LOG2E)
+        c2 = float32(1.0) if MOD else float32(qk_scale * LOG2E)     # raw score -> exponent units
+        c_bad = float32(qk_scale) if MOD else c2
         amax = float32(0.0)             # largest |visible raw score| of this thread's rows
 
         ring = 0
         for it in range(n_tiles):
             cp_async_wait_all()
             cuda.syncthreads()          # tile it landed for everyone; tile it - 1 consumed
-            k0 = it * BK
+            k0 = kbeg + it * BK
             cur = it & 1
             r1 = ring + 1 if ring < 2 else 0          # slot lists of tiles it + 1, it + 2
             r2 = r1 + 1 if r1 < 2 else 0
@@ -280,19 +327,26 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                         mma(kind, s, mt * S1 + np2 * 8, qf, qs, kf, 0)
                         mma(kind, s, mt * S1 + np2 * 8 + 4, qf, qs, kf, 2)
 
-            # Online softmax in base 2 with the scale folded in: p = 2 ** (s * c2 - m). Visible
-            # scores that are not finite show as amax * c2 = inf (+-inf, overflow) or a NaN sum (NaN).
-            masked = k0 + BK > kfull
+            # Online softmax in base 2. Plain scores fold the scale into the exp2: p = 2 ** (s * c2 - m);
+            # with softcap / ALiBi each visible score is modified (``_modify``) into base-2 units
+            # first (c2 = 1). Visible scores that are not finite show as amax * c_bad = inf (+-inf,
+            # overflow) or a NaN sum (NaN).
+            masked = k0 + BK > kfull or (WINDOW and k0 < klo)
             for rr in range(R_N):
                 so = (rr // 2) * S1 + 2 * (rr % 2)
                 mx = NEG_INF
-                if masked:
-                    lr = lim[rr] - k0 - 2 * t4       # keys of this row: nt * 8 + e < lr
+                if masked or MOD:
+                    a = (lo[rr] if WINDOW else 0) - k0 - 2 * t4    # keys of this row: a <= nt * 8 + e < z
+                    z = hi[rr] - k0 - 2 * t4
                     for nt in range(NS):
                         for e in range(2):
                             x = s[so + nt * 4 + e]
-                            vis = nt * 8 + e < lr
+                            j = nt * 8 + e
+                            vis = not masked or ((not WINDOW or j >= a) and j < z)
                             amax = max(amax, abs(x if vis else float32(0.0)))
+                            if MOD:
+                                x = _modify2(x * float32(qk_scale), cap, inv_cap, slope[rr],
+                                             pos[rr] - (k0 + 2 * t4 + j), SOFTCAP, ALIBI)
                             x = x if vis else NEG_INF
                             s[so + nt * 4 + e] = x
                             mx = max(mx, x)
@@ -334,7 +388,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                 _convert_raw(sm32, ROFF, KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP,
                              kind, kv_code)
 
-        bad = not amax * c2 < np.inf
+        bad = not amax * c_bad < np.inf
         for rr in range(R_N):
             bad |= lsum[rr] != lsum[rr]
         if bad:
@@ -348,12 +402,13 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                 inv = float32(0.0)
                 if tot > 0:
                     inv = float32(out_scale) / tot
-                base = q_row(b, h, i, H, Sq, D) // 2
+                orow = q_row(row0, h, i, stride_h, stride_i)
+                base = orow * (D // 2)
                 oo = (rr // 2) * O1 + 2 * (rr % 2)
                 for dt in range(NO):
                     out[base + dt * 4 + t4] = pack2(kind, o[oo + dt * 4] * inv, o[oo + dt * 4 + 1] * inv)
                 if t4 == 0:
-                    lse[lse_row(b, h, i, H, Sq)] = (m[rr] + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
+                    lse[orow] = (m[rr] + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
 
     return kernel
 
