@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...dtypes import (BF16, E4M3, E5M2, F16, F32, DType, decode_table, fp8_encode_bits,
@@ -39,7 +39,7 @@ def as_float32(typingctx, x):
     return types.float32(types.int32), codegen
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def fp8_value(c, code):
     """float32 of the FP8 code ``c`` (uint32) of format ``code`` (E4M3 / E5M2) through IEEE half,
     branch-free so loops vectorize. E5M2 is the top byte of a half. E4M3's bits moved into half
@@ -58,32 +58,32 @@ def fp8_value(c, code):
 # disk on its own and shared by every kernel that calls it), and two small ``inline="always"``
 # dispatchers whose branches the calling kernel prunes to one call.
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _row_f32(src, n, dst):
     for i in range(n):
         dst[i] = src[i]
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _row_bf16(src, n, dst):
     bits = dst.view(np.uint32)
     for i in range(n):
         bits[i] = np.uint32(src[i]) << np.uint32(16)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _row_f16(src, n, dst):
     for i in range(n):
         dst[i] = half_to_f32(np.uint16(src[i]))
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _row_e4m3(src, n, dst):
     for i in range(n):
         dst[i] = fp8_value(np.uint32(src[i]), E4M3)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _row_e5m2(src, n, dst):
     for i in range(n):
         dst[i] = fp8_value(np.uint32(src[i]), E5M2)
@@ -114,31 +114,31 @@ def load_row(src, n, dst, code):
         _row_e5m2(src, n, dst)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def _tok_f32(src, p, s, h, n, dst, dbits, off):
     for i in range(n):
         dst[off + i] = src[p, s, h, i]
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def _tok_bf16(src, p, s, h, n, dst, dbits, off):
     for i in range(n):
         dbits[off + i] = np.uint32(src[p, s, h, i]) << np.uint32(16)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def _tok_f16(src, p, s, h, n, dst, dbits, off):
     for i in range(n):
         dst[off + i] = half_to_f32(np.uint16(src[p, s, h, i]))
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def _tok_e4m3(src, p, s, h, n, dst, dbits, off):
     for i in range(n):
         dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E4M3)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def _tok_e5m2(src, p, s, h, n, dst, dbits, off):
     for i in range(n):
         dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E5M2)
@@ -173,7 +173,7 @@ def load_tok(src, p, s, h, n, dst, dbits, off, code):
 # ------------------------------------------------------------------------- whole arrays (host side)
 _encode = njit(inline="always", cache=True)(fp8_encode_bits)
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, cache=True)
 def fp8_encode_array(bits, out, mbits, bias, max_code, nan_code, start, stop):
     """``out[i]`` = FP8 code of the float32 with bits ``bits[i]`` for ``start <= i < stop`` (a range
     kernel: see ``launch.py``).
@@ -185,7 +185,7 @@ def fp8_encode_array(bits, out, mbits, bias, max_code, nan_code, start, stop):
     mbits, bias, max_code, nan_code : int -- the format (``dtypes.fp8_params``)
     start, stop : int
     """
-    for i in range(start, stop):
+    for i in prange(start, stop):
         out[i] = _encode(bits[i], mbits, bias, max_code, nan_code)
 
 

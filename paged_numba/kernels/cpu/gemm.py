@@ -35,6 +35,23 @@ def prefer_512(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def no_alias(typingctx):
+    """Marks every pointer argument of the calling LLVM function (array data, meminfo and parent
+    pointers) ``noalias`` and ``captures(none)``, as numba's parfor lowering does for the body of
+    a ``prange`` loop: LLVM then vectorizes the loops without runtime overlap checks and keeps
+    values in registers across stores. Only for functions whose array arguments are never written
+    through two of them at once (inputs that alias each other are read-only)."""
+    def codegen(context, builder, sig, args):
+        fn = builder.function
+        for a in fn.args[2:]:  # after numba's return-value and exception-info pointers
+            if isinstance(a.type, ir.PointerType):
+                a.add_attribute("captures(none)")
+                a.add_attribute("noalias")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
 def _make_microkernel(MR, NV):
     """An intrinsic ``microkernel(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, K, accumulate)``:
     C[i, n] (+)= sum_k A[i, k] * B[k, n] for i < MR, n < 16 * NV on flat float32 arrays, with
@@ -98,7 +115,7 @@ _MR = 4
 _mk1, _mk2, _mk3, _mk4 = (_make_microkernel(_MR, nv) for nv in (1, 2, 3, 4))
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def matmul(a, a_rs, a_ks, b, ldb, c, ldc, M, N, K, accumulate):
     """C (+)= A @ B on flat float32 arrays.
 
@@ -130,7 +147,7 @@ def matmul(a, a_rs, a_ks, b, ldb, c, ldc, M, N, K, accumulate):
             _mk1(a, ao, a_rs, a_ks, b, n, ldb, c, co + n, ldc, K, accumulate)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def scores(Qs, Kb, nj, S):
     """``S[r, j] = dot(Qs[r], Kb[j])`` for every row r and j < nj; four rows share each key load.
 
@@ -139,6 +156,7 @@ def scores(Qs, Kb, nj, S):
     Qs : float32 [R, D];  Kb : float32 [>= nj, D];  nj : int;  S : float32 [R, >= nj] (written)
     """
     prefer_512()
+    no_alias()
     R, D = Qs.shape
     R4 = R - R % 4
     for r in range(0, R4, 4):
@@ -165,7 +183,7 @@ def scores(Qs, Kb, nj, S):
             S[r, j] = a0
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def accumulate(acc, r, p, Vb, n):
     """``acc[r] += sum_j p[j] * Vb[j]`` for j < n, four keys per pass over ``acc[r]``.
 
@@ -174,6 +192,7 @@ def accumulate(acc, r, p, Vb, n):
     acc : float32 [R, D] (updated);  r : int;  p : float32 [>= n];  Vb : float32 [>= n, D];  n : int
     """
     prefer_512()
+    no_alias()
     D = acc.shape[1]
     j = 0
     while j + 4 <= n:
@@ -191,7 +210,7 @@ def accumulate(acc, r, p, Vb, n):
         j += 1
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def accumulate_rows(acc, W, X, nj, nr):
     """``acc[j] += sum_r W[j, r] * X[r]`` for j < nj, r < nr.
 

@@ -40,30 +40,35 @@ import functools
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import FASTMATH
 from .codecs import as_float32, load_row, load_tok
-from .gemm import accumulate, matmul, prefer_512, scores
+from .gemm import accumulate, matmul, no_alias, prefer_512, scores  # noqa: F401
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# 2 ** f on [0, 1): degree-5 fit, relative error < 8e-8 (under float32's half-ulp).
-_C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
-    0.99999993, 0.69315297, 0.24015453, 0.0558236, 0.00899258, 0.00187623))
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp2_poly(f):
+    """2 ** f for float32 f in [0, 1): degree-5 fit, relative error < 8e-8 (under float32's
+    half-ulp). The coefficients are written in the body, so they compile to immediate constants
+    (module-level NumPy scalars would be loaded from memory in every iteration)."""
+    return np.float32(0.99999993) + f * (np.float32(0.69315297) + f * (np.float32(0.24015453) + f * (
+        np.float32(0.0558236) + f * (np.float32(0.00899258) + f * np.float32(0.00187623)))))
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def exp2_shifted(s, n, m, ebits):
     """``s[:n] = 2 ** (s[:n] - m)`` for finite ``s <= m``, as two loops LLVM vectorizes (libm's
     scalar ``exp2`` does not vectorize). Arguments below -126 give ~1e-38 instead of 0."""
     prefer_512()
+    no_alias()
     scale = ebits.view(np.float32)
     for j in range(n):
         x = max(s[j] - m, np.float32(-126.0))
-        xf = np.float32(math.floor(x))
+        xf = np.floor(x)  # float32 llvm.floor (math.floor goes through an int: a libm call per element)
         f = x - xf
-        s[j] = _C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * _C5))))
+        s[j] = exp2_poly(f)
         ebits[j] = (np.int32(xf) + np.int32(127)) << np.int32(23)
     for j in range(n):
         s[j] *= scale[j]
@@ -72,7 +77,7 @@ def exp2_shifted(s, n, m, ebits):
 KT = 64  # keys per tile of the GEMM path
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
               kv_code, out, lse):
     """One work item of R = G * nq rows (padded to Rp, a multiple of 16), as GEMMs on key tiles
@@ -157,9 +162,9 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
                 x = j * Rp + r
                 # 2 ** (s - m): below -127 the exponent field is 0, so masked keys give exactly 0
                 xs = min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0))
-                xf = np.float32(math.floor(xs))
+                xf = np.floor(xs)
                 f = xs - xf
-                p = (_C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * _C5))))) * \
+                p = exp2_poly(f) * \
                     as_float32((np.int32(xf) + np.int32(127)) << np.int32(23))
                 St[x] = p
                 ps[r] += p
@@ -174,7 +179,7 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
                    out_scale)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
     """out[b, h, i] and lse[b, h, i] from a row's accumulator, running max (base 2) and sum: 0 / -inf
     for a row that saw no key; NaN / +inf (flagged for the client) for non-finite scores."""
@@ -194,7 +199,7 @@ def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
         lse[b, h, i] = np.float32((m + math.log2(lsum)) * LN2)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
              kv_code, out, lse):
     """One work item with few rows (decode): per paged block, row-by-key dot products."""
@@ -272,8 +277,8 @@ def n_items(B: int, H: int, Hkv: int, Sq: int, tq: int) -> int:
 def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
     """The forward kernel for storage codes ``q_code`` / ``kv_code`` and one inner path:
     ``kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse, start, stop)``
-    runs work items ``start <= item < stop`` (of ``n_items(...)``) on the calling thread, without
-    the GIL; the client spreads item ranges over threads.
+    runs work items ``start <= item < stop`` (of ``n_items(...)``) as a ``prange`` loop (the
+    client picks the thread count with ``launch``).
 
     The three values are closure constants: numba prunes the other dtypes' decoders and the other
     path before typing, so a call compiles only what it runs, and each tuple is its own entry of
@@ -281,18 +286,18 @@ def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
     """
     Q_CODE, KV_CODE, GEMM = int(q_code), int(kv_code), bool(gemm)
 
-    @njit(nogil=True, fastmath=FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse,
                             start, stop):
-        prefer_512()
         B, H, Sq, D = q.shape
         Hkv = k.shape[2]
         G = H // Hkv
         tqq = max(1, tq // G)  # queries per tile: about tq rows (GQA heads x queries) per work item
         n_qt = (Sq + tqq - 1) // tqq
         qscale = np.float32(qk_scale * LOG2E)
-        for item in range(start, stop):
-            # Interleave heavy and light query tiles so that item ranges stay balanced under causal.
+        for item in prange(start, stop):
+            prefer_512()  # the parfor body is its own LLVM function
+            # Interleave heavy and light query tiles so that static chunks stay balanced under causal.
             pair = item % n_qt
             qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
             b = item // n_qt // Hkv

@@ -16,8 +16,8 @@ Arguments (float32 unless said, C-contiguous, validated by ``ops/config.py``):
 
 Kernels come from memoized factories (``dkdv_kernel(kv_code, gemm)``, ``dq_kernel(kv_code, gemm)``)
 whose DType code and path are closure constants, so a call compiles only its dtype's decoder and
-one path. Each kernel runs a range of work items on the calling thread (``nogil``); the client
-spreads the ranges over threads. ``delta`` is computed by the client (NumPy).
+one path. Each kernel runs a range of work items as a ``prange`` loop; the client picks the thread
+count (``launch``). ``delta`` is computed by the client (NumPy).
 
 Two passes, each partitioned so that no two threads write the same element (no atomics, no
 per-thread copies of the pool):
@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import FASTMATH
 from .codecs import load_row
@@ -46,7 +46,7 @@ from .paged_attention import LOG2E, exp2_shifted
 _QCHUNK = 64  # query rows per pass over a block in bwd_dkdv
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _probs_and_ds(S, dP, n_rows, nj, c, lse2_rows, delta_rows, first_vis, step_vis, ebits):
     """Turn scores S into P (in place) and dP into dS (in place) for ``n_rows`` rows and ``nj``
     keys; row r sees ``first_vis + r * step_vis`` keys (clamped to [0, nj]); others get 0."""
@@ -67,7 +67,7 @@ def _probs_and_ds(S, dP, n_rows, nj, c, lse2_rows, delta_rows, first_vis, step_v
             dP[r, j] = 0.0
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def dkdv_item(item, qf, dof, k, v, delta, lse2, seq_lens, scale, causal, blocks, rd_start, rd_b, rd_lb, dk, dv,
               kv_code, gemm):
     """Work item ``item`` of the dK/dV pass (see ``dkdv_kernel``), inlined into the kernel, whose
@@ -175,24 +175,24 @@ def dkdv_kernel(kv_code: int, gemm: bool):
 
     Kernel arguments ``(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, blocks, rd_start, rd_b,
     rd_lb, dk, dv, start, stop)``, running work items ``start <= item < stop`` of
-    ``Hkv * n_used`` (item = kvh * n_used + u) on the calling thread without the GIL: ``blocks`` int64 [n_used]; ``rd_start`` int64 [n_used + 1]; ``rd_b``, ``rd_lb``
+    ``Hkv * n_used`` (item = kvh * n_used + u) as a ``prange`` loop: ``blocks`` int64 [n_used]; ``rd_start`` int64 [n_used + 1]; ``rd_b``, ``rd_lb``
     int64 [n_readers]; ``dk``, ``dv`` float32 [N, bs, Hkv, D] (zero on entry; slots read are
     written); the others as in the module docstring.
     """
     KV_CODE, GEMM = int(kv_code), bool(gemm)
 
-    @njit(nogil=True, fastmath=FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, scale, causal, blocks, rd_start, rd_b, rd_lb,
                  dk, dv, start, stop):
-        prefer_512()
-        for item in range(start, stop):
+        for item in prange(start, stop):
+            prefer_512()
             dkdv_item(item, qf, dof, k, v, delta, lse2, seq_lens, scale, causal, blocks, rd_start, rd_b,
                       rd_lb, dk, dv, KV_CODE, GEMM)
 
     return bwd_dkdv
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def dq_item(item, qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, dq, kv_code, gemm):
     """Work item ``item`` of the dQ pass (see ``dq_kernel``), inlined like ``dkdv_item``."""
     ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
@@ -291,10 +291,10 @@ def dq_kernel(kv_code: int, gemm: bool):
     """
     KV_CODE, GEMM = int(kv_code), bool(gemm)
 
-    @njit(nogil=True, fastmath=FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, dq, start, stop):
-        prefer_512()
-        for item in range(start, stop):
+        for item in prange(start, stop):
+            prefer_512()
             dq_item(item, qf, dof, k, v, delta, lse2, table, seq_lens, scale, causal, tq, dq,
                     KV_CODE, GEMM)
 

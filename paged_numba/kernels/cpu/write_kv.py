@@ -4,10 +4,10 @@ Symbols: T new rows, Hkv KV heads, D head_dim, N physical blocks, bs block_size.
 """
 from __future__ import annotations
 
-from numba import njit
+from numba import njit, prange
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, cache=True)
 def write_kv_rows(k_pool, v_pool, k, v, slots, start, stop):
     """Rows ``start <= t < stop`` of k, v into their slots (a range kernel: see ``launch.py``).
 
@@ -23,7 +23,7 @@ def write_kv_rows(k_pool, v_pool, k, v, slots, start, stop):
     bs = k_pool.shape[1]
     Hkv = k.shape[1]
     D = k.shape[2]
-    for t in range(start, stop):
+    for t in prange(start, stop):
         s = slots[t]
         if s < 0:
             continue
