@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,16 +81,24 @@ t, _ = timed(lambda: pn.write_kv(kp, vp, k, v, np.arange(5)))
 DEMO = "demo: python -m paged_numba (whole process)"
 
 
+def _child_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_case(code, env, repo):
+    """(seconds of the timed call -- the whole process for the demo --, CPU seconds of the whole
+    subprocess: import, inputs and compile included)."""
+    cpu0 = _child_cpu()
     if code is None:  # the demo: wall time of the whole process
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "paged_numba", "--runtime", "cpu"], env=env, cwd=repo,
                        check=True, capture_output=True)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, _child_cpu() - cpu0
     script = _SETUP + code + "\nprint(json.dumps(t))\n"
     res = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo, check=True,
                          capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1]), _child_cpu() - cpu0
 
 
 def main(argv=None):
@@ -109,20 +118,22 @@ def main(argv=None):
         cache = tempfile.mkdtemp(prefix="pn_numba_cache_")
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=repo, PAGED_NUMBA_RUNTIME="cpu")
         try:
-            cold = run_case(code, env, repo)
-            warm = run_case(code, env, repo)
+            (cold, cold_cpu), (warm, warm_cpu) = run_case(code, env, repo), run_case(code, env, repo)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        rows.append([name, f"{cold:.1f}", f"{warm:.2f}"])
-        print(f"{name:50s} cold {cold:6.1f} s   warm {warm:6.2f} s", flush=True)
-    table = markdown_table(["first call (fresh process)", "cold cache s", "warm cache s"], rows)
+        rows.append([name, f"{cold:.1f}", f"{cold_cpu:.1f}", f"{warm:.2f}", f"{warm_cpu:.1f}"])
+        print(f"{name:50s} cold {cold:6.1f} s ({cold_cpu:.1f} s CPU)  warm {warm:6.2f} s", flush=True)
+    table = markdown_table(["first call (fresh process)", "cold cache s", "cold process CPU s",
+                            "warm cache s", "warm process CPU s"], rows)
     print(table)
     if not args.no_save:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                                 text=True).stdout.strip()
         notes = (f"Measured code: {args.label + ' ' if args.label else ''}commit {commit} ({repo}). "
                  f"Each case in a fresh process with an empty NUMBA_CACHE_DIR (cold), then a second "
-                 f"process on the cache the first filled (warm); numba threads default "
+                 f"process on the cache the first filled (warm). 'CPU s': user + system time of the whole "
+                 f"subprocess (import, inputs, compile), steadier than wall time on a shared machine; "
+                 f"numba threads default "
                  f"({os.cpu_count()}); load average before the run {' '.join(load)} "
                  f"(the machine is shared).")
         print("appended to", append_results("cold_start", "CPU cold start", table, notes))

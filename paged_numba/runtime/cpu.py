@@ -17,8 +17,8 @@ _TQ_FWD = 128  # forward: rows (GQA heads x queries) per parallel work item
 # Estimated single-thread rates (multiply-adds per microsecond) of the kernels' inner paths on the
 # 2-core development machine; ``launch`` runs a call on the calling thread alone below
 # ``launch.SERIAL_US`` of estimated work (benchmarks/cpu_under_load.py).
-_MACS_PER_US_ROWS = 4e3     # decode path: per-key dot products, decode-bound
-_MACS_PER_US_GEMM = 2e4     # GEMM path (prefill, backward): 512-bit microkernels
+_MACS_PER_US_ROWS = 4e3     # decode path: per-key dot products, decode-bound (4-9e3 measured)
+_MACS_PER_US_GEMM = 3e4     # GEMM path (prefill, backward): 512-bit microkernels
 _COPY_PER_US = 1e3          # write_kv: elements per microsecond
 
 
