@@ -4,7 +4,8 @@ Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequ
 N physical blocks, bs block_size, M max blocks per sequence, R rows of a work item.
 
 ``fwd_kernel(q_code, kv_code, gemm)`` builds (once per argument tuple, cached on disk) the kernel
-``kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse)``. Arguments
+``kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse, start, stop)``,
+which runs work items ``start <= item < stop`` of ``n_items(B, H, Hkv, Sq, tq)``. Arguments
 (storage dtypes, C-contiguous, validated by ``ops/config.py``; the inputs may be read-only):
 
 - ``q``        [B, H, Sq, D]   float32, or uint16 / uint8 bits (``q_code``), decoded in the kernel
@@ -44,7 +45,7 @@ from numba import njit, prange
 
 from . import FASTMATH
 from .codecs import as_float32, load_row, load_tok
-from .gemm import accumulate, matmul, no_alias, prefer_512, scores  # noqa: F401
+from .gemm import accumulate, matmul, no_alias, prefer_512, scores
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
