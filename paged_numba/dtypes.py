@@ -4,6 +4,10 @@ Kernels never see float16, bfloat16 or FP8 values as such (numba's CPU target ha
 CUDA's 16-bit / FP8 helpers break ``cache=True``): they see the *storage* dtype -- ``uint16`` for
 F16 / BF16, ``uint8`` for FP8 -- and decode in the kernel. ``DType.code`` is the small integer a
 kernel factory specializes on.
+
+This module is pure NumPy (no numba): the whole-array encoders and decoders that run a kernel
+(``encode_f32``, ``decode_f32``, ``fp8_encode``) live in ``kernels/cpu/codecs.py``, which imports
+from here and never the other way round.
 """
 from __future__ import annotations
 
@@ -206,35 +210,3 @@ def fp8_encode_bits(u, mbits, bias, max_code, nan_code):
     if rem > half or (rem == half and (q & np.uint32(1)) == np.uint32(1)):
         q += np.uint32(1)
     return sign | np.uint8(q)
-
-
-def decode_f32(storage: np.ndarray, dtype: DType) -> np.ndarray:
-    """Storage of ``dtype`` -> float32 array (the same array when already float32)."""
-    if dtype == DType.F32:
-        return storage
-    if dtype.is_fp8:
-        return decode_table(dtype)[storage]
-    return from_storage(storage, dtype).astype(np.float32)
-
-
-def encode_f32(x: np.ndarray, dtype: DType) -> np.ndarray:
-    """float32 array -> storage of ``dtype``, rounding to nearest even (FP8: saturating)."""
-    if dtype == DType.F32:
-        return x
-    if dtype == DType.F16:
-        return x.astype(np.float16).view(np.uint16)
-    if dtype == DType.BF16:
-        return x.astype(ml_dtypes.bfloat16).view(np.uint16)
-    if dtype.is_fp8:
-        return fp8_encode(x, dtype)
-    raise TypeError(f"dtype: cannot encode float32 as {dtype}")
-
-
-def fp8_encode(x: np.ndarray, dtype: DType) -> np.ndarray:
-    """uint8 FP8 codes of a float32 array (same shape), as ``fp8_encode_bits``; parallel njit."""
-    from .kernels.cpu.codecs import fp8_encode_array
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape, np.uint8)
-    fp8_encode_array(x.reshape(-1).view(np.uint32), out.reshape(-1), *fp8_params(dtype))
-    return out

@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from paged_numba.dtypes import (FP8_MAX, DType, decode_f32, decode_table, encode_f32,
-                                fp8_decode_table, fp8_encode, fp8_encode_bits, fp8_params)
+from paged_numba.dtypes import FP8_MAX, DType, decode_table, fp8_decode_table, fp8_encode_bits, fp8_params
+from paged_numba.kernels.cpu.codecs import decode_f32, encode_f32, fp8_encode
 
 FP8 = [DType.FP8_E4M3, DType.FP8_E5M2]
 FP8_IDS = ["e4m3", "e5m2"]

@@ -3,13 +3,44 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 
-from ..dtypes import decode_f32, encode_f32
+from ..kernels.cpu.codecs import decode_f32, encode_f32
+from ..kernels.cpu.launch import launch
 from .base import Client, Device, Runtime
 
 _TQ = 32  # queries per parallel work item (times G query heads)
 _TQ_FWD = 128  # forward: rows (GQA heads x queries) per parallel work item
+
+
+# Estimated single-thread rates (multiply-adds per microsecond) of the kernels' inner paths on the
+# 2-core development machine; ``launch`` runs a call on the calling thread alone below
+# ``launch.SERIAL_US`` of estimated work (benchmarks/cpu_under_load.py).
+_MACS_PER_US_ROWS = 4e3     # decode path: per-key dot products, decode-bound (4-9e3 measured)
+_MACS_PER_US_GEMM = 3e4     # GEMM path (prefill, backward): 512-bit microkernels
+_COPY_PER_US = 1e3          # write_kv: elements per microsecond
+
+
+def visible_pairs(cfg) -> int:
+    """(query row, key) pairs that the mask lets through, summed over the batch (per head)."""
+    lens = cfg.seq_lens.astype(np.int64)
+    Sq = cfg.Sq
+    if not cfg.causal:
+        return int(lens.sum()) * Sq
+    # query i sees min(L, max(0, L - Sq + i + 1)) keys
+    full = np.minimum(lens, Sq)                      # rows on the diagonal part
+    return int((np.maximum(lens - Sq, 0) * Sq + full * (full + 1) // 2).sum())
+
+
+def readonly(x: np.ndarray) -> np.ndarray:
+    """A read-only view of ``x`` (no copy; ``x`` itself is untouched). Kernels take every input
+    as read-only, so writable and read-only arrays share one compiled specialization."""
+    if not x.flags.writeable:
+        return x
+    view = x.view()
+    view.flags.writeable = False
+    return view
 
 
 class CpuClient(Client):
@@ -24,14 +55,20 @@ class CpuClient(Client):
         return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
 
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
-        from ..kernels.cpu.paged_attention import paged_attention_fwd
+        from ..kernels.cpu.paged_attention import fwd_kernel, n_items, uses_gemm
 
         out = np.empty(cfg.q_shape, np.float32)
         lse = np.empty(cfg.q_shape[:3], np.float32)
         if out.size:
-            paged_attention_fwd(q, k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape), cfg.block_table,
-                                cfg.seq_lens, qk_scale, out_scale, cfg.causal, _TQ_FWD,
-                                cfg.q_dtype.code, cfg.kv_dtype.code, out, lse)
+            B, H, Sq, D = cfg.q_shape
+            Hkv = cfg.kv_shape[2]
+            gemm = uses_gemm(Sq, H // Hkv, _TQ_FWD)
+            est_us = 2 * H * D * visible_pairs(cfg) / (_MACS_PER_US_GEMM if gemm else _MACS_PER_US_ROWS)
+            args = (readonly(q), readonly(k.reshape(cfg.kv_shape)), readonly(v.reshape(cfg.kv_shape)),
+                    readonly(cfg.block_table), readonly(cfg.seq_lens), float(qk_scale), float(out_scale),
+                    bool(cfg.causal), _TQ_FWD, out, lse)
+            launch(fwd_kernel(cfg.q_dtype.code, cfg.kv_dtype.code, gemm), args,
+                   n_items(B, H, Hkv, Sq, _TQ_FWD), est_us)
             check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
@@ -39,24 +76,32 @@ class CpuClient(Client):
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse):
         from ..kernels.cpu.paged_attention import LOG2E
-        from ..kernels.cpu.paged_attention_bwd import bwd_delta, bwd_dkdv, bwd_dq
+        from ..kernels.cpu.paged_attention_bwd import dkdv_kernel, dq_kernel, gemm_ok
 
         qd, kd = cfg.q_dtype, cfg.kv_dtype
         qf, dof, outf = (decode_f32(x, qd) for x in (q, dout, out))
-        k4, v4 = k.reshape(cfg.kv_shape), v.reshape(cfg.kv_shape)
-        delta = np.empty(cfg.q_shape[:3], np.float32)
         dq = np.empty(cfg.q_shape, np.float32)
         dk = np.zeros(cfg.kv_shape, np.float32)
         dv = np.zeros(cfg.kv_shape, np.float32)
         if dq.size:
-            lse2 = (lse * np.float32(LOG2E)).astype(np.float32)
-            bwd_delta(dof, outf, delta)
-            blocks, rd_start, rd_b, rd_lb = block_readers(cfg)
-            if blocks.size:
-                bwd_dkdv(qf, dof, k4, v4, delta, lse2, cfg.seq_lens, cfg.scale, cfg.causal, kd.code,
-                         blocks, rd_start, rd_b, rd_lb, dk, dv)
-            bwd_dq(qf, dof, k4, v4, delta, lse2, cfg.block_table, cfg.seq_lens, cfg.scale, cfg.causal,
-                   _TQ, kd.code, dq)
+            B, H, Sq, D = cfg.q_shape
+            Hkv = cfg.kv_shape[2]
+            # FlashAttention-2's preprocessing, rowsum(dout * out), accumulated in float32
+            delta = readonly(np.einsum("bhsd,bhsd->bhs", dof, outf, dtype=np.float32))
+            lse2 = readonly((lse * np.float32(LOG2E)).astype(np.float32))
+            gemm = gemm_ok(cfg.bs, D)
+            # per pass: S and dP recomputed, then dV and dK, or dQ
+            est_us = 3 * H * D * visible_pairs(cfg) / (_MACS_PER_US_GEMM if gemm else _MACS_PER_US_ROWS)
+            common = (readonly(qf), readonly(dof), readonly(k.reshape(cfg.kv_shape)),
+                      readonly(v.reshape(cfg.kv_shape)), delta, lse2)
+            table, lens, scale, causal = (readonly(cfg.block_table), readonly(cfg.seq_lens),
+                                          float(cfg.scale), bool(cfg.causal))
+            blocks, rd_start, rd_b, rd_lb = (readonly(x) for x in block_readers(cfg))
+            launch(dkdv_kernel(kd.code, gemm),
+                   common + (lens, scale, causal, blocks, rd_start, rd_b, rd_lb, dk, dv),
+                   Hkv * blocks.size, est_us)
+            launch(dq_kernel(kd.code, gemm), common + (table, lens, scale, causal, _TQ, dq),
+                   B * Hkv * (-(-Sq // _TQ)), est_us)
         return (encode_f32(dq, qd), encode_f32(dk, kd).reshape(k.shape),
                 encode_f32(dv, kd).reshape(v.shape))
 
@@ -67,7 +112,8 @@ class CpuClient(Client):
             with np.errstate(over="ignore", invalid="ignore"):
                 k = encode_f32(decode_f32(k, cfg.src_dtype) / np.float32(cfg.k_scale), cfg.pool_dtype)
                 v = encode_f32(decode_f32(v, cfg.src_dtype) / np.float32(cfg.v_scale), cfg.pool_dtype)
-        write_kv_rows(k_pool, v_pool, k, v, cfg.slots)
+        launch(write_kv_rows, (k_pool, v_pool, readonly(k), readonly(v), readonly(cfg.slots)),
+               k.shape[0], 2 * k.size / _COPY_PER_US)
 
 
 def block_readers(cfg):
@@ -113,8 +159,6 @@ class CpuRuntime(Runtime):
     name = "cpu"
 
     def __init__(self):
-        import numba
-
         self.device = Device("cpu", 0, f"{os.cpu_count()} cores, {numba.config.NUMBA_NUM_THREADS} numba threads")
         self.client = CpuClient(self)
 

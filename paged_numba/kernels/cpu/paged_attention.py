@@ -1,302 +1,91 @@
-"""Fused paged-attention forward on the CPU: parallel ``@njit`` loops over the block table.
+"""Fused paged-attention forward on the CPU: ``@njit`` loops over the block table.
 
 Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq queries per sequence, D head_dim,
-N physical blocks, bs block_size, M max blocks per sequence.
+N physical blocks, bs block_size, M max blocks per sequence, R rows of a work item.
 
-Arguments (storage dtypes, C-contiguous, validated by ``ops/config.py``):
+``fwd_kernel(q_code, kv_code, gemm)`` builds (once per argument tuple, cached on disk) the kernel
+``kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse, start, stop)``,
+which runs work items ``start <= item < stop`` of ``n_items(B, H, Hkv, Sq, tq)``. Arguments
+(storage dtypes, C-contiguous, validated by ``ops/config.py``; the inputs may be read-only):
 
-- ``q``        [B, H, Sq, D]  float32, or uint16 / uint8 bits decoded in the kernel (``load_row``)
-- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits decoded in the kernel
+- ``q``        [B, H, Sq, D]   float32, or uint16 / uint8 bits (``q_code``), decoded in the kernel
+- ``k``, ``v`` [N, bs, Hkv, D] float32, or uint16 / uint8 bits (``kv_code``)
 - ``table``    int32 [B, M]; token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``;
   only entries with ``t < seq_lens[b]`` are read
 - ``seq_lens`` int32 [B]
+- ``qk_scale`` float: multiplies q . k (the softmax scale times any dequantization scales of q, k)
+- ``out_scale`` float: multiplies the normalized output (v's dequantization scale / o_scale)
+- ``causal``   bool: bottom-right aligned, query i sees keys j <= L - Sq + i
+- ``tq``       int: about ``tq`` rows (GQA heads x queries) per work item
 - ``out``      float32 [B, H, Sq, D] (written), ``lse`` float32 [B, H, Sq] (written, natural log)
 
+A row with non-finite scores (inf / NaN in the q or K tokens read, or qk_scale * q . k
+overflowing float32) gets ``lse = +inf`` and NaN output; the client raises.
+
 One parallel work item is (sequence b, KV head, tile of queries): it serves the whole GQA group
-(G query heads x the tile's queries, about ``tq`` rows), so each K/V token is read from memory
-once per tile. Keys are visited with an online softmax in base 2 (q is pre-scaled by
-``scale * log2(e)``); only valid tokens are decoded, so whatever sits in unused slots (NaN
-included) never reaches a result. Causal is bottom-right aligned: query i sees keys j <= L - Sq + i.
+(G query heads x the tile's queries, R rows), so each K/V token is read from memory once per tile.
+Keys are visited with an online softmax in base 2 (q is pre-scaled by ``qk_scale * log2(e)``);
+only valid tokens are decoded, so whatever sits in unused slots (NaN included) never reaches a
+result. Two inner paths, fixed per kernel (``gemm``, chosen by the client with ``uses_gemm``):
 
-Two inner paths, chosen per work item by its row count R:
-
-- R >= ROWS_GEMM (prefill, chunked prefill, wide GQA): key tiles of KT tokens spanning paged blocks
-  are decoded into contiguous scratch and multiplied as small GEMMs by 512-bit register-blocked
-  microkernels (LLVM IR through ``@intrinsic``): ``St[KT, Rp] = K[KT, D] @ Qt[D, Rp]`` puts rows on
-  the vector lanes, so the online softmax (max, exp2, row sums) is vectorized over rows without
-  horizontal reductions, then ``acc[Rp, Dp] += P[Rp, KT] @ V[KT, Dp]``.
+- ``gemm`` (prefill, chunked prefill, wide GQA: R >= ROWS_GEMM): key tiles of KT tokens spanning
+  paged blocks are decoded into contiguous scratch and multiplied as small GEMMs by the 512-bit
+  microkernels of ``gemm.py``: ``St[KT, Rp] = K[KT, D] @ Qt[D, Rp]`` puts rows on the vector lanes,
+  so the online softmax (max, exp2, row sums) is vectorized over rows without horizontal
+  reductions, then ``acc[Rp, Dp] += P[Rp, KT] @ V[KT, Dp]``.
 - otherwise (decode): per paged block, row-by-key dot products vectorized over D.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from ...dtypes import BF16, E4M3, E5M2, F16, F32
+from . import FASTMATH
+from .codecs import as_float32, load_row, load_tok
+from .gemm import accumulate, matmul, no_alias, prefer_512, scores
 
-# fastmath without nnan/ninf: -inf must stay -inf (SPEC: lse = -inf for empty rows).
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# 2 ** f on [0, 1): degree-5 fit, relative error < 8e-8 (under float32's half-ulp).
-_C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
-    0.99999993, 0.69315297, 0.24015453, 0.0558236, 0.00899258, 0.00187623))
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp2_poly(f):
+    """2 ** f for float32 f in [0, 1): degree-5 fit, relative error < 8e-8 (under float32's
+    half-ulp). The coefficients are written in the body, so they compile to immediate constants
+    (module-level NumPy scalars would be loaded from memory in every iteration)."""
+    return np.float32(0.99999993) + f * (np.float32(0.69315297) + f * (np.float32(0.24015453) + f * (
+        np.float32(0.0558236) + f * (np.float32(0.00899258) + f * np.float32(0.00187623)))))
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def load_row(src, n, dst, code):
-    """float32 values of the first ``n`` storage elements of 1-D ``src`` into ``dst``: F32 copies,
-    BF16 shifts the bits into place, F16 and FP8 convert through IEEE half (vcvtph2ps)."""
-    if code == F32:
-        for i in range(n):
-            dst[i] = src[i]
-    elif code == BF16:
-        bits = dst.view(np.uint32)
-        for i in range(n):
-            bits[i] = np.uint32(src[i]) << np.uint32(16)
-    elif code == F16:
-        for i in range(n):
-            dst[i] = half_to_f32(np.uint16(src[i]))
-    elif code == E4M3:  # constant format argument: the branch inside fp8_value folds away
-        for i in range(n):
-            dst[i] = fp8_value(np.uint32(src[i]), E4M3)
-    else:
-        for i in range(n):
-            dst[i] = fp8_value(np.uint32(src[i]), E5M2)
-
-
-@intrinsic
-def half_to_f32(typingctx, h):
-    """float32 of the IEEE half whose bits are the uint16 ``h`` (vectorizes to vcvtph2ps)."""
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def fp8_value(c, code):
-    """float32 of the FP8 code ``c`` (uint32) through IEEE half, branch-free so loops vectorize.
-    E5M2 is the top byte of a half. E4M3's bits moved into half position give a half 2**8 too
-    small (exact for subnormals too, which become normal halves); S.1111.111 (E4M3's only NaN)
-    gets the half exponent 11111 added, so it stays a NaN with its sign."""
-    if code == E4M3:
-        em = c & np.uint32(0x7F)
-        nan = (em + np.uint32(1)) >> np.uint32(7)   # 1 only for em == 0x7F
-        h = ((c & np.uint32(0x80)) << np.uint32(8)) | (em << np.uint32(7)) | (nan * np.uint32(0x7C00))
-        return half_to_f32(np.uint16(h)) * np.float32(256.0)
-    return half_to_f32(np.uint16(c << np.uint32(8)))
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def exp2_shifted(s, n, m, ebits):
     """``s[:n] = 2 ** (s[:n] - m)`` for finite ``s <= m``, as two loops LLVM vectorizes (libm's
     scalar ``exp2`` does not vectorize). Arguments below -126 give ~1e-38 instead of 0."""
+    prefer_512()
+    no_alias()
     scale = ebits.view(np.float32)
     for j in range(n):
         x = max(s[j] - m, np.float32(-126.0))
-        xf = np.float32(math.floor(x))
+        xf = np.floor(x)  # float32 llvm.floor (math.floor goes through an int: a libm call per element)
         f = x - xf
-        s[j] = _C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * _C5))))
+        s[j] = exp2_poly(f)
         ebits[j] = (np.int32(xf) + np.int32(127)) << np.int32(23)
     for j in range(n):
         s[j] *= scale[j]
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def scores(Qs, Kb, nj, S):
-    """``S[r, j] = dot(Qs[r], Kb[j])`` for all rows and j < nj; four rows share each key load."""
-    R, D = Qs.shape
-    R4 = R - R % 4
-    for r in range(0, R4, 4):
-        for j in range(nj):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for d in range(D):
-                kd = Kb[j, d]
-                a0 += Qs[r, d] * kd
-                a1 += Qs[r + 1, d] * kd
-                a2 += Qs[r + 2, d] * kd
-                a3 += Qs[r + 3, d] * kd
-            S[r, j] = a0
-            S[r + 1, j] = a1
-            S[r + 2, j] = a2
-            S[r + 3, j] = a3
-    for r in range(R4, R):
-        for j in range(nj):
-            a0 = np.float32(0.0)
-            for d in range(D):
-                a0 += Qs[r, d] * Kb[j, d]
-            S[r, j] = a0
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def accumulate(acc, r, p, Vb, n):
-    """``acc[r] += sum_j p[j] * Vb[j]`` for j < n, four keys per pass over acc[r]."""
-    D = acc.shape[1]
-    j = 0
-    while j + 4 <= n:
-        p0 = p[j]
-        p1 = p[j + 1]
-        p2 = p[j + 2]
-        p3 = p[j + 3]
-        for d in range(D):
-            acc[r, d] += p0 * Vb[j, d] + p1 * Vb[j + 1, d] + p2 * Vb[j + 2, d] + p3 * Vb[j + 3, d]
-        j += 4
-    while j < n:
-        p0 = p[j]
-        for d in range(D):
-            acc[r, d] += p0 * Vb[j, d]
-        j += 1
-
-
-
-
-# ----------------------------------------------------------------------------- 512-bit microkernels
-# LLVM's x86 tuning for AVX-512 server cores prefers 256-bit vectors unless a function asks for
-# more; the microkernels (and the loops around them) ask, so FMAs run on zmm registers.
-_WIDE = ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"')
-
-
-def _widen(builder):
-    for attr in _WIDE:  # string attributes: llvmlite's checked ``add`` only knows keyword ones
-        set.add(builder.function.attributes, attr)
-
-
-@intrinsic
-def prefer_512(typingctx):
-    """Marks the calling LLVM function for 512-bit vectorization (no-op elsewhere)."""
-    def codegen(context, builder, sig, args):
-        _widen(builder)
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
-def _make_microkernel(MR, NV):
-    """C[i, n] (+)= sum_k A[i, k] * B[k, n] for i < MR, n < 16 * NV on flat float32 arrays:
-    A[i, k] = a[a_off + i * a_rs + k * a_ks], B[k, n] = b[b_off + k * ldb + n],
-    C[i, n] = c[c_off + i * ldc + n]; MR x NV accumulators of 16 lanes stay in registers."""
-    @intrinsic
-    def microkernel(typingctx, a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, K, accumulate):
-        sig = types.void(a, types.intp, types.intp, types.intp, b, types.intp, types.intp,
-                         c, types.intp, types.intp, types.intp, types.boolean)
-
-        def codegen(context, builder, sig, args):
-            _widen(builder)
-            a_, a_off, a_rs, a_ks, b_, b_off, ldb, c_, c_off, ldc, K, accumulate = args
-            ap = context.make_array(sig.args[0])(context, builder, a_).data
-            bp = context.make_array(sig.args[4])(context, builder, b_).data
-            cp = context.make_array(sig.args[7])(context, builder, c_).data
-            vty = ir.VectorType(ir.FloatType(), 16)
-            vptr = vty.as_pointer()
-            i64 = ir.IntType(64)
-            zero = ir.Constant(vty, [0.0] * 16)
-            bcast = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), "llvm.fma.v16f32")
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(MR)]
-            with cgutils.for_range(builder, K) as loop:
-                k = loop.index
-                bo = builder.add(b_off, builder.mul(k, ldb))
-                bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(bo, ir.Constant(i64, 16 * v))]),
-                                                   vptr), align=4) for v in range(NV)]
-                ao = builder.add(a_off, builder.mul(k, a_ks))
-                for i in range(MR):
-                    x = builder.load(builder.gep(ap, [ao]))
-                    xv = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, None), x,
-                                                                       ir.Constant(ir.IntType(32), 0)),
-                                                ir.Constant(vty, None), bcast)
-                    for v in range(NV):
-                        builder.store(builder.call(fma, [xv, bv[v], builder.load(acc[i][v])]), acc[i][v])
-                    if i + 1 < MR:
-                        ao = builder.add(ao, a_rs)
-            co = c_off
-            ptrs = []
-            for i in range(MR):
-                ptrs.append([builder.bitcast(builder.gep(cp, [builder.add(co, ir.Constant(i64, 16 * v))]), vptr)
-                             for v in range(NV)])
-                co = builder.add(co, ldc)
-            with builder.if_else(accumulate) as (add, store):
-                with add:
-                    for i in range(MR):
-                        for v in range(NV):
-                            builder.store(builder.fadd(builder.load(ptrs[i][v], align=4),
-                                                       builder.load(acc[i][v])), ptrs[i][v], align=4)
-                with store:
-                    for i in range(MR):
-                        for v in range(NV):
-                            builder.store(builder.load(acc[i][v]), ptrs[i][v], align=4)
-            return context.get_dummy_value()
-        return sig, codegen
-    return microkernel
-
-
-@intrinsic
-def as_float32(typingctx, x):
-    """The float32 whose bits are the int32 ``x``."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-_MR = 4
-_mk1, _mk2, _mk3, _mk4 = (_make_microkernel(_MR, nv) for nv in (1, 2, 3, 4))
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def matmul(a, a_off, a_rs, a_ks, b, b_off, ldb, c, c_off, ldc, M, N, K, accumulate):
-    """C (+)= A @ B with the layouts of ``_make_microkernel``: M a multiple of 4, N of 16."""
-    for i in range(0, M, _MR):
-        ao = a_off + i * a_rs
-        co = c_off + i * ldc
-        n = 0
-        while n + 64 <= N:
-            _mk4(a, ao, a_rs, a_ks, b, b_off + n, ldb, c, co + n, ldc, K, accumulate)
-            n += 64
-        rest = N - n
-        if rest == 48:
-            _mk3(a, ao, a_rs, a_ks, b, b_off + n, ldb, c, co + n, ldc, K, accumulate)
-        elif rest == 32:
-            _mk2(a, ao, a_rs, a_ks, b, b_off + n, ldb, c, co + n, ldc, K, accumulate)
-        elif rest == 16:
-            _mk1(a, ao, a_rs, a_ks, b, b_off + n, ldb, c, co + n, ldc, K, accumulate)
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def load_tok(src, p, s, h, n, dst, dbits, off, code):
-    """``dst[off:off + n]`` = float32 values of ``src[p, s, h, :n]`` (``dbits`` is ``dst`` viewed
-    as uint32), indexing the 4-D pool directly: no array views per token."""
-    if code == F32:
-        for i in range(n):
-            dst[off + i] = src[p, s, h, i]
-    elif code == BF16:
-        for i in range(n):
-            dbits[off + i] = np.uint32(src[p, s, h, i]) << np.uint32(16)
-    elif code == F16:
-        for i in range(n):
-            dst[off + i] = half_to_f32(np.uint16(src[p, s, h, i]))
-    elif code == E4M3:
-        for i in range(n):
-            dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E4M3)
-    else:
-        for i in range(n):
-            dst[off + i] = fp8_value(np.uint32(src[p, s, h, i]), E5M2)
-
-
 KT = 64  # keys per tile of the GEMM path
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
               kv_code, out, lse):
-    """One work item with R = G * nq >= 16 rows, as GEMMs on key tiles of KT tokens:
+    """One work item of R = G * nq rows (padded to Rp, a multiple of 16), as GEMMs on key tiles
+    of KT tokens:
     St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
     vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]."""
+    ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
     H, D = q.shape[1], q.shape[3]
     bs = k.shape[1]
     G = H // k.shape[2]
@@ -339,7 +128,7 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
         nk4 = (nk + 3) // 4 * 4
         for x in range(nk * D, nk4 * D):
             Kf[x] = 0.0
-        matmul(Kf, 0, D, 1, Qt, 0, Rp, St, 0, Rp, nk4, Rp, D, False)
+        matmul(Kf, D, ONE, Qt, Rp, St, Rp, nk4, Rp, D, OVERWRITE)
         for r in range(Rp):
             mt[r] = m[r]
             chk[r] = 0.0
@@ -374,9 +163,9 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
                 x = j * Rp + r
                 # 2 ** (s - m): below -127 the exponent field is 0, so masked keys give exactly 0
                 xs = min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0))
-                xf = np.float32(math.floor(xs))
+                xf = np.floor(xs)
                 f = xs - xf
-                p = (_C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * _C5))))) * \
+                p = exp2_poly(f) * \
                     as_float32((np.int32(xf) + np.int32(127)) << np.int32(23))
                 St[x] = p
                 ps[r] += p
@@ -385,13 +174,13 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
             if alpha[r] != 1.0:
                 for d in range(Dp):
                     acc[r * Dp + d] *= alpha[r]
-        matmul(St, 0, 1, Rp, Vf, 0, Dp, acc, 0, Dp, Rp, Dp, nk, True)
+        matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
     for r in range(R):
         finish_row(out, lse, b, kvh * G + r // nq, q0 + r % nq, acc[r * Dp:r * Dp + D], m[r], lsum[r],
                    out_scale)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
     """out[b, h, i] and lse[b, h, i] from a row's accumulator, running max (base 2) and sum: 0 / -inf
     for a row that saw no key; NaN / +inf (flagged for the client) for non-finite scores."""
@@ -411,7 +200,7 @@ def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
         lse[b, h, i] = np.float32((m + math.log2(lsum)) * LN2)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
              kv_code, out, lse):
     """One work item with few rows (decode): per paged block, row-by-key dot products."""
@@ -473,31 +262,54 @@ def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q
 ROWS_GEMM = 16  # work items with at least this many rows take the GEMM path
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq,
-                        q_code, kv_code, out, lse):
-    """The fused forward. ``qk_scale`` multiplies q . k (softmax scale times any dequantization
-    scales of q and k); ``out_scale`` multiplies the normalized output (v's dequantization scale over
-    the output scale). ``q_code`` / ``kv_code`` are DType codes of the storage. A row with non-finite scores (inf / NaN in q or k, or scale * q . k
-    overflowing float32) gets ``lse = +inf``; the client raises."""
-    B, H, Sq, D = q.shape
-    Hkv = k.shape[2]
-    G = H // Hkv
-    tqq = max(1, tq // G)  # queries per tile: about tq rows (GQA heads x queries) per work item
-    n_qt = (Sq + tqq - 1) // tqq
-    qscale = np.float32(qk_scale * LOG2E)
-    for item in prange(B * Hkv * n_qt):
-        prefer_512()
-        # Interleave heavy and light query tiles so static chunks stay balanced under causal.
-        pair = item % n_qt
-        qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
-        b = item // n_qt // Hkv
-        kvh = item // n_qt % Hkv
-        q0 = qt * tqq
-        nq = min(Sq, q0 + tqq) - q0
-        if nq * G >= ROWS_GEMM:
-            tile_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                      q_code, kv_code, out, lse)
-        else:
-            row_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                     q_code, kv_code, out, lse)
+def uses_gemm(Sq: int, G: int, tq: int) -> bool:
+    """Whether a forward of ``Sq`` queries per sequence and GQA group ``G`` takes the GEMM path:
+    its first query tile has at least ROWS_GEMM rows (the last, shorter tile then takes it too)."""
+    return min(Sq, max(1, tq // G)) * G >= ROWS_GEMM
+
+
+def n_items(B: int, H: int, Hkv: int, Sq: int, tq: int) -> int:
+    """Work items of a forward: (sequence, KV head, query tile) for B * Hkv * ceil(Sq / tqq)."""
+    tqq = max(1, tq // (H // Hkv))
+    return B * Hkv * ((Sq + tqq - 1) // tqq)
+
+
+@functools.cache
+def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
+    """The forward kernel for storage codes ``q_code`` / ``kv_code`` and one inner path:
+    ``kernel(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse, start, stop)``
+    runs work items ``start <= item < stop`` (of ``n_items(...)``) as a ``prange`` loop (the
+    client picks the thread count with ``launch``).
+
+    The three values are closure constants: numba prunes the other dtypes' decoders and the other
+    path before typing, so a call compiles only what it runs, and each tuple is its own entry of
+    the on-disk cache. See the module docstring for the other arguments.
+    """
+    Q_CODE, KV_CODE, GEMM = int(q_code), int(kv_code), bool(gemm)
+
+    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+    def paged_attention_fwd(q, k, v, table, seq_lens, qk_scale, out_scale, causal, tq, out, lse,
+                            start, stop):
+        B, H, Sq, D = q.shape
+        Hkv = k.shape[2]
+        G = H // Hkv
+        tqq = max(1, tq // G)  # queries per tile: about tq rows (GQA heads x queries) per work item
+        n_qt = (Sq + tqq - 1) // tqq
+        qscale = np.float32(qk_scale * LOG2E)
+        for item in prange(start, stop):
+            prefer_512()  # the parfor body is its own LLVM function
+            # Interleave heavy and light query tiles so that static chunks stay balanced under causal.
+            pair = item % n_qt
+            qt = pair // 2 if pair % 2 == 0 else n_qt - 1 - pair // 2
+            b = item // n_qt // Hkv
+            kvh = item // n_qt % Hkv
+            q0 = qt * tqq
+            nq = min(Sq, q0 + tqq) - q0
+            if GEMM:
+                tile_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
+                          Q_CODE, KV_CODE, out, lse)
+            else:
+                row_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
+                         Q_CODE, KV_CODE, out, lse)
+
+    return paged_attention_fwd
