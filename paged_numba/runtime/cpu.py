@@ -59,7 +59,11 @@ class CpuClient(Client):
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
         from ..kernels.cpu.paged_attention import fwd_kernel, n_items, uses_gemm
 
-        if not cfg.plain:
+        # A window that hides no key (window_left >= L - 1 everywhere) on a dense, unmodified call is
+        # the plain one.
+        window_only = (not cfg.ragged and cfg.softcap == 0.0 and cfg.alibi_slopes is None
+                       and bool((cfg.seq_lens.astype(np.int64) - 1 <= cfg.window_left).all()))
+        if not (cfg.plain or window_only):
             return self._forward_mods(cfg, q, k, v, qk_scale, out_scale)
         out = np.empty(cfg.q_shape, np.float32)
         lse = np.empty(cfg.q_shape[:3], np.float32)
