@@ -35,9 +35,11 @@ def _pick_runtime(arrays: dict, runtime):
     return get_runtime(runtime), False
 
 
-def _require_score_mods(rt, cfg):
-    """A runtime whose client does not declare ``supports_score_mods`` runs plain calls only."""
-    if cfg.plain or getattr(rt.client, "supports_score_mods", False):
+def _require_score_mods(rt, cfg, op="fwd"):
+    """A runtime whose client does not declare ``supports_score_mods`` (True, or the ops that have
+    them, e.g. ``("fwd",)``) runs plain calls only."""
+    sup = getattr(rt.client, "supports_score_mods", False)
+    if cfg.plain or sup is True or (not isinstance(sup, bool) and op in sup):
         return
     used = [name for name, on in (("cu_seqlens_q", cfg.ragged), ("window_left", cfg.window_left >= 0),
                                   ("softcap", cfg.softcap != 0.0), ("alibi_slopes", cfg.alibi_slopes is not None))
@@ -132,7 +134,7 @@ def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, n
                      seq_len_q, seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
                      cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
                      alibi_slopes=alibi_slopes)
-    _require_score_mods(rt, cfg)
+    _require_score_mods(rt, cfg, "bwd")
     qd, kd = cfg.q_dtype, cfg.kv_dtype
     dq, dk, dv = rt.client.run_bwd(
         cfg, _storage(dout, qd, rt), _storage(q, qd, rt), _storage(k_blocks, kd, rt),

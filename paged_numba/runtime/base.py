@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import decode_f32, encode_f32
+from ..kernels.cpu.codecs import decode_f32, encode_f32
 
 
 class Device:

@@ -44,6 +44,8 @@ def readonly(x: np.ndarray) -> np.ndarray:
 
 
 class CpuClient(Client):
+    supports_score_mods = ("fwd",)  # ragged / window / softcap / ALiBi: forward only (not the backward yet)
+
     def __init__(self, runtime):
         self.runtime = runtime
 
@@ -57,6 +59,12 @@ class CpuClient(Client):
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
         from ..kernels.cpu.paged_attention import fwd_kernel, n_items, uses_gemm
 
+        # A window that hides no key (window_left >= L - 1 everywhere) on a dense, unmodified call is
+        # the plain one.
+        window_only = (not cfg.ragged and cfg.softcap == 0.0 and cfg.alibi_slopes is None
+                       and bool((cfg.seq_lens.astype(np.int64) - 1 <= cfg.window_left).all()))
+        if not (cfg.plain or window_only):
+            return self._forward_mods(cfg, q, k, v, qk_scale, out_scale)
         out = np.empty(cfg.q_shape, np.float32)
         lse = np.empty(cfg.q_shape[:3], np.float32)
         if out.size:
@@ -72,6 +80,34 @@ class CpuClient(Client):
             check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
+        return encode_f32(out, cfg.q_dtype), lse
+
+    def _forward_mods(self, cfg, q, k, v, qk_scale, out_scale):
+        from ..kernels.cpu.paged_attention import fwd_mods_kernel, mod_items
+
+        out = np.empty(cfg.q_shape, np.float32)
+        lse = np.empty(cfg.lse_shape, np.float32)
+        if out.size:
+            D = cfg.D
+            row0, sh, si = cfg.row_layout()
+            slopes = (cfg.alibi_slopes if cfg.alibi_slopes is not None else np.zeros(cfg.H, np.float32))
+            out2, lse1 = out.reshape(-1, D), lse.reshape(-1)
+            lse1.fill(-np.inf)
+            out2.fill(0.0)
+            for gemm, (ib, ik, iq, inq) in mod_items(cfg, _TQ_FWD).items():
+                est_us = 2 * D * float(np.sum(inq.astype(np.int64) * cfg.G * np.minimum(
+                    cfg.seq_lens[ib], cfg.max_span))) / (_MACS_PER_US_GEMM if gemm else _MACS_PER_US_ROWS)
+                args = (readonly(q.reshape(-1, D)), readonly(k.reshape(cfg.kv_shape)),
+                        readonly(v.reshape(cfg.kv_shape)), readonly(cfg.block_table), readonly(cfg.seq_lens),
+                        readonly(cfg.q_lens), readonly(row0), int(sh), int(si), readonly(ib), readonly(ik),
+                        readonly(iq), readonly(inq), float(qk_scale), float(out_scale), bool(cfg.causal),
+                        int(cfg.window_left), float(cfg.softcap), readonly(slopes), out2, lse1)
+                launch(fwd_mods_kernel(cfg.q_dtype.code, cfg.kv_dtype.code, gemm), args, ib.size, est_us)
+            if np.isposinf(lse).any():
+                idx = tuple(int(x) for x in np.argwhere(np.isposinf(lse))[0])
+                raise ValueError(f"scale: the scores of row {idx} (of lse's shape {lse.shape}) are not finite: "
+                                 f"scale * q . k overflows float32 (scale={cfg.scale:g}) or q / k_blocks hold "
+                                 "inf or NaN in tokens that are read")
         return encode_f32(out, cfg.q_dtype), lse
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse):

@@ -313,3 +313,284 @@ def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
                          Q_CODE, KV_CODE, out, lse)
 
     return paged_attention_fwd
+
+
+# ------------------------------------------------------------------ score modifiers (mods=True)
+# Ragged rows, sliding windows, softcap and ALiBi (ops/config.py: ``row_layout``, ``window_left``,
+# ``softcap``, ``alibi_slopes``). Query i of sequence b (q_len n, L keys) sits at p = L - n + i and
+# sees keys lo <= j < hi: hi = min(L, p + 1) if causal else L, lo = max(0, p - window_left) with a
+# window, else 0. A visible score s = qk_scale * q . k (natural units) becomes
+# softcap * tanh(s / softcap) (softcap > 0), then s - slope_h * |p - j|; keys outside [lo, hi) are
+# masked, and blocks / tiles no row of a work item sees are never read.
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def mod_score(s, cap, inv_cap, slope, dist):
+    """A visible natural-units score -> softcap (cap > 0), then ALiBi, in base 2 for exp2."""
+    if cap > 0.0:
+        s = cap * np.float32(math.tanh(s * inv_cap))
+    s -= slope * np.float32(abs(dist))
+    return s * np.float32(LOG2E)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def row_window(L, n, i, causal, window_left):
+    """(p, lo, hi) of query i of a sequence of L keys and n queries."""
+    p = L - n + i
+    hi = min(L, p + 1) if causal else L
+    lo = max(0, p - window_left) if window_left >= 0 else 0
+    return p, lo, hi
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def finish_row_at(out, lse, row, acc_row, m, lsum, out_scale):
+    """finish_row for out [rows, D], lse [rows]."""
+    D = out.shape[1]
+    if m == -np.inf:
+        for d in range(D):
+            out[row, d] = 0.0
+        lse[row] = -np.inf
+    elif m == np.inf or not abs(lsum) < np.inf:
+        for d in range(D):
+            out[row, d] = np.nan
+        lse[row] = np.inf
+    else:
+        inv = np.float32(out_scale) / lsum
+        for d in range(D):
+            out[row, d] = acc_row[d] * inv
+        lse[row] = np.float32((m + math.log2(lsum)) * LN2)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def tile_item_mods(q, k, v, table, b, kvh, q0, nq, L, n, row0, sh, si, causal, window_left, cap,
+                   slopes, qk_scale, out_scale, q_code, kv_code, out, lse):
+    """tile_item with the row layout, window, softcap and ALiBi (q, out: [rows, D]; lse [rows])."""
+    ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)
+    D = q.shape[1]
+    bs = k.shape[1]
+    G = slopes.shape[0] // k.shape[2]
+    R = nq * G
+    Rp = (R + 15) // 16 * 16
+    Dp = (D + 15) // 16 * 16
+    cap32 = np.float32(cap)
+    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
+    Qt = np.zeros(D * Rp, np.float32)
+    row = np.empty(D, np.float32)
+    lo = np.zeros(Rp, np.int64)
+    hi = np.zeros(Rp, np.int64)   # padding rows see nothing
+    pos = np.zeros(Rp, np.int64)
+    slope = np.zeros(Rp, np.float32)
+    kmin = L
+    kmax = 0
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        load_row(q[row0 + h * sh + i * si], D, row, q_code)
+        for d in range(D):
+            Qt[d * Rp + r] = row[d] * np.float32(qk_scale)
+        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+        slope[r] = slopes[h]
+        if hi[r] > lo[r]:
+            kmin = min(kmin, lo[r])
+            kmax = max(kmax, hi[r])
+    Kf = np.zeros(KT * D, np.float32)
+    Vf = np.zeros(KT * Dp, np.float32)
+    Kbits = Kf.view(np.uint32)
+    Vbits = Vf.view(np.uint32)
+    St = np.empty(KT * Rp, np.float32)
+    acc = np.zeros(Rp * Dp, np.float32)
+    m = np.full(Rp, -np.inf, np.float32)
+    lsum = np.zeros(Rp, np.float32)
+    mt = np.empty(Rp, np.float32)
+    chk = np.empty(Rp, np.float32)
+    msub = np.empty(Rp, np.float32)
+    alpha = np.empty(Rp, np.float32)
+    ps = np.empty(Rp, np.float32)
+    for t0 in range(kmin, kmax, KT):
+        nk = min(KT, kmax - t0)
+        for j in range(nk):
+            t = t0 + j
+            phys = table[b, t // bs]
+            load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code)
+            load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code)
+        nk4 = (nk + 3) // 4 * 4
+        for x in range(nk * D, nk4 * D):
+            Kf[x] = 0.0
+        matmul(Kf, D, ONE, Qt, Rp, St, Rp, nk4, Rp, D, OVERWRITE)
+        for r in range(Rp):
+            mt[r] = m[r]
+            chk[r] = 0.0
+            ps[r] = 0.0
+        for r in range(Rp):
+            a = min(max(lo[r] - t0, 0), nk)
+            e = max(min(hi[r] - t0, nk), a)
+            for j in range(a):
+                St[j * Rp + r] = -np.inf
+            for j in range(a, e):
+                s = mod_score(St[j * Rp + r], cap32, inv_cap, slope[r], pos[r] - (t0 + j))
+                chk[r] += s - s  # NaN where a visible score is inf / NaN
+                St[j * Rp + r] = s
+            for j in range(e, nk):
+                St[j * Rp + r] = -np.inf
+        for j in range(nk):
+            for r in range(Rp):
+                s = St[j * Rp + r]
+                mt[r] = s if s > mt[r] else mt[r]
+        for r in range(Rp):
+            if not chk[r] == 0.0 or not mt[r] < np.inf:
+                m[r] = np.inf
+            if m[r] == np.inf:
+                msub[r] = 0.0
+                alpha[r] = 1.0
+            elif mt[r] == -np.inf:
+                msub[r] = 0.0
+                alpha[r] = 1.0
+            else:
+                alpha[r] = np.float32(math.exp2(m[r] - mt[r]))
+                m[r] = mt[r]
+                msub[r] = mt[r]
+        for j in range(nk):
+            for r in range(Rp):
+                x = j * Rp + r
+                xs = min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0))
+                xf = np.floor(xs)
+                f = xs - xf
+                p = exp2_poly(f) * \
+                    as_float32((np.int32(xf) + np.int32(127)) << np.int32(23))
+                St[x] = p
+                ps[r] += p
+        for r in range(R):
+            lsum[r] = lsum[r] * alpha[r] + ps[r]
+            if alpha[r] != 1.0:
+                for d in range(Dp):
+                    acc[r * Dp + d] *= alpha[r]
+        matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        finish_row_at(out, lse, row0 + h * sh + i * si, acc[r * Dp:r * Dp + D], m[r], lsum[r], out_scale)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def row_item_mods(q, k, v, table, b, kvh, q0, nq, L, n, row0, sh, si, causal, window_left, cap,
+                  slopes, qk_scale, out_scale, q_code, kv_code, out, lse):
+    """row_item with the row layout, window, softcap and ALiBi (q, out: [rows, D]; lse [rows])."""
+    D = q.shape[1]
+    bs = k.shape[1]
+    G = slopes.shape[0] // k.shape[2]
+    R = nq * G
+    cap32 = np.float32(cap)
+    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
+    Qs = np.empty((R, D), np.float32)
+    acc = np.zeros((R, D), np.float32)
+    m = np.full(R, -np.inf, np.float32)
+    lsum = np.zeros(R, np.float32)
+    lo = np.empty(R, np.int64)
+    hi = np.empty(R, np.int64)
+    pos = np.empty(R, np.int64)
+    slope = np.empty(R, np.float32)
+    kmin = L
+    kmax = 0
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        load_row(q[row0 + h * sh + i * si], D, Qs[r], q_code)
+        for d in range(D):
+            Qs[r, d] *= np.float32(qk_scale)
+        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+        slope[r] = slopes[h]
+        if hi[r] > lo[r]:
+            kmin = min(kmin, lo[r])
+            kmax = max(kmax, hi[r])
+    Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
+    Vb = np.zeros((bs, D), np.float32)
+    S = np.empty((R, bs), np.float32)
+    P = np.empty(bs, np.float32)
+    ebits = np.empty(bs, np.int32)
+    for lb in range(kmin // bs, (kmax + bs - 1) // bs):
+        phys = table[b, lb]
+        t0 = lb * bs
+        j0 = max(0, kmin - t0)
+        nj = min(bs, kmax - t0)
+        for j in range(j0, nj):
+            load_row(k[phys, j, kvh], D, Kb[j], kv_code)
+            load_row(v[phys, j, kvh], D, Vb[j], kv_code)
+        scores(Qs, Kb, nj, S)
+        for r in range(R):
+            a = max(lo[r] - t0, 0)
+            e = min(hi[r] - t0, nj)
+            nvis = e - a
+            if nvis <= 0 or m[r] == np.inf:
+                continue
+            mb = -np.inf
+            bad = np.float32(0.0)
+            for j in range(nvis):
+                s = mod_score(S[r, a + j], cap32, inv_cap, slope[r], pos[r] - (t0 + a + j))
+                P[j] = s
+                bad += s - s
+                mb = max(mb, s)
+            if not bad == 0.0 or not abs(mb) < np.inf:  # inf / NaN scores: flag the row
+                m[r] = np.inf
+                continue
+            m_new = max(m[r], mb)
+            alpha = np.float32(math.exp2(m[r] - m_new))
+            exp2_shifted(P, nvis, m_new, ebits)
+            psum = np.float32(0.0)
+            for j in range(nvis):
+                psum += P[j]
+            lsum[r] = lsum[r] * alpha + psum
+            m[r] = m_new
+            if alpha != 1.0:
+                for d in range(D):
+                    acc[r, d] *= alpha
+            accumulate(acc, r, P, Vb[a:], nvis)
+    for r in range(R):
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        finish_row_at(out, lse, row0 + h * sh + i * si, acc[r], m[r], lsum[r], out_scale)
+
+
+def mod_items(cfg, tq: int):
+    """The work items of a forward with modifiers, split by inner path: ``{gemm: (b, kvh, q0, nq)
+    int32 arrays}`` -- per sequence with queries, per KV head, tiles of about ``tq`` rows."""
+    G = cfg.H // cfg.Hkv
+    tqq = max(1, tq // G)
+    lists = {False: [], True: []}
+    for b in range(cfg.B):
+        n = int(cfg.q_lens[b])
+        if n == 0:
+            continue
+        g = uses_gemm(n, G, tq)
+        for kvh in range(cfg.Hkv):
+            for q0 in range(0, n, tqq):
+                lists[g].append((b, kvh, q0, min(n, q0 + tqq) - q0))
+    return {g: tuple(np.ascontiguousarray(np.array(x, np.int32).reshape(-1, 4)[:, c]) for c in range(4))
+            for g, x in lists.items() if x}
+
+
+@functools.cache
+def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool):
+    """The forward with modifiers (``fwd_kernel(..., mods=True)``):
+    ``kernel(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0, it_nq, qk_scale,
+    out_scale, causal, window_left, softcap, slopes, out, lse, start, stop)`` with q / out viewed
+    as [rows, D], lse [rows] (``cfg.row_layout()``), work items ``it_*`` from ``mod_items`` and
+    ``slopes`` float32 [H] (zeros without ALiBi); softcap 0 = none, window_left -1 = none."""
+    Q_CODE, KV_CODE, GEMM = int(q_code), int(kv_code), bool(gemm)
+
+    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+    def paged_attention_fwd_mods(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0,
+                                 it_nq, qk_scale, out_scale, causal, window_left, softcap, slopes, out,
+                                 lse, start, stop):
+        for item in prange(start, stop):
+            prefer_512()
+            b = it_b[item]
+            if GEMM:
+                tile_item_mods(q, k, v, table, b, it_kvh[item], it_q0[item], it_nq[item], seq_lens[b],
+                               q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes,
+                               qk_scale, out_scale, Q_CODE, KV_CODE, out, lse)
+            else:
+                row_item_mods(q, k, v, table, b, it_kvh[item], it_q0[item], it_nq[item], seq_lens[b],
+                              q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes,
+                              qk_scale, out_scale, Q_CODE, KV_CODE, out, lse)
+
+    return paged_attention_fwd_mods
