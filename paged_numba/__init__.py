@@ -6,6 +6,7 @@ from .errors import OutOfBlocksError, RuntimeUnavailableError
 from .ops import paged_attention_bwd, paged_attention_fwd, paged_attention_fwd_fp8, write_kv
 from .runtime import Runtime, available_runtimes, get_runtime, register_runtime
 from .tensor import Tensor, tensor
+from . import models  # noqa: E402  (pn.models: the GGUF runner and the engine; gguf / tokenizers load lazily)
 
 __version__ = "0.1.0"
 

@@ -1,17 +1,17 @@
 """A continuous-batching engine over one paged KV cache (vLLM's scheduler, in small).
 
-Every ``step``:
-1. **Admit** waiting requests (oldest first) while there is room: fewer than ``max_num_seqs``
-   running and enough free blocks for the request's uncached prompt. With prefix caching the new
-   sequence starts with the longest cached run of full blocks of its prompt (``add_sequence``).
-2. **Schedule** at most ``max_tokens_per_step`` tokens: one for every decoding request, then
-   prompt chunks (chunked prefill: a long prompt is spread over several steps).
-3. **Reserve** the slots of those tokens in the cache. When the cache runs out, the most recently
-   admitted request not yet given room is **preempted**: its blocks are freed, and it goes back to
-   the front of the queue to be recomputed later from its prompt and the tokens it has generated so
-   far (what it produces does not change). A request that cannot fit in an empty cache is a
-   ValueError at submission.
-4. **Run** the model once for all scheduled tokens, sample the next token of every request whose
+Every step schedules at most ``max_tokens_per_step`` tokens:
+1. **Running requests** first: one token for every decoding request, then prompt chunks (chunked
+   prefill: a long prompt is spread over several steps), their slots reserved in the cache. When
+   the cache runs out, the most recently admitted request not yet given room this step is
+   **preempted**: its blocks are freed, and it goes back to the front of the queue to be
+   recomputed later from its prompt and the tokens it has generated so far (what it produces does
+   not change). A request that cannot fit in an empty cache is a ValueError at submission.
+2. **Admission**, oldest first, while tokens, ``max_num_seqs`` and free blocks allow (and nothing
+   was preempted this step): with prefix caching the new sequence starts with the longest cached
+   run of full blocks of its prompt (``add_sequence``), including blocks reserved earlier in the
+   same step, and only the rest is prefilled.
+3. **Run** the model once for all scheduled tokens, sample the next token of every request whose
    known tokens are all in the cache, and **finish** requests at EOS, a stop string or
    ``max_new_tokens``; finished requests free their blocks (prefix-cached full blocks stay cached).
 """
@@ -196,22 +196,6 @@ class Engine:
         return list(stop)
 
     # ------------------------------------------------------------------------- scheduling
-    def _admit(self, waiting, running):
-        cache, bs = self.cache, self.cache.block_size
-        while waiting and len(running) < self.max_num_seqs:
-            r = waiting[0]
-            toks = r.tokens
-            # Blocks for the whole known sequence plus the next token, less what the cache may
-            # serve (an estimate: the real count is taken as the tokens are reserved).
-            need = -(-(len(toks) + 1) // bs)
-            if running and need > cache.num_free_blocks:
-                break
-            waiting.popleft()
-            r.seq = cache.add_sequence(toks[:-1])        # the last known token is always recomputed
-            r.computed = cache.seq_len(r.seq)
-            r.cached = r.computed
-            running.append(r)
-
     def _preempt(self, r, waiting, running):
         self.cache.free(r.seq)
         r.seq, r.computed = None, 0
@@ -221,34 +205,55 @@ class Engine:
         waiting.appendleft(r)
 
     def _schedule(self, waiting, running):
-        """(request, first token, count) per scheduled request, slots reserved; preempts as needed."""
+        """(request, token ids, slots) per scheduled request, slots reserved. Running requests come
+        first (decodes, then prompt chunks, oldest first), preempting the youngest unscheduled one
+        when the cache runs out; then waiting requests are admitted while the token budget, the
+        sequence limit and the free blocks allow. A request admitted after another's chunk was
+        reserved can hit that chunk's blocks: every layer writes the step's K/V before its
+        attention, so they are in place when it reads them."""
         budget = self.max_tokens_per_step
-        plan = []
-        # Decoding requests first (one token each), then prompt chunks, oldest first.
+        plan, planned = [], set()
         order = sorted(running, key=lambda r: (len(r.tokens) - r.computed != 1, running.index(r)))
         i = 0
+        preempted = False
         while i < len(order) and budget > 0:
             r = order[i]
-            left = len(r.tokens) - r.computed
-            n = min(left, budget)
+            n = min(len(r.tokens) - r.computed, budget)
             toks = r.tokens[r.computed:r.computed + n]
             try:
                 slots = self.cache.reserve(r.seq, n, toks)
             except OutOfBlocksError:
-                victims = [v for v in reversed(running) if v not in [p[0] for p in plan]]
-                victim = victims[0]
-                if victim is r and len(plan) == 0 and len(running) == 1:
+                victim = next(v for v in reversed(running) if id(v) not in planned)
+                if victim is r and not plan and len(running) == 1:
                     raise RuntimeError("the cache cannot hold one request; make num_blocks larger") from None
                 order.remove(victim)
                 self._preempt(victim, waiting, running)
+                preempted = True
                 continue
             plan.append((r, toks, slots))
+            planned.add(id(r))
             budget -= n
             i += 1
+        while waiting and not preempted and budget > 0 and len(running) < self.max_num_seqs:
+            r = waiting[0]
+            toks = r.tokens
+            r.seq = self.cache.add_sequence(toks[:-1])     # the last known token is always recomputed
+            r.computed = r.cached = self.cache.seq_len(r.seq)
+            n = min(len(toks) - r.computed, budget)
+            chunk = toks[r.computed:r.computed + n]
+            try:
+                slots = self.cache.reserve(r.seq, n, chunk)
+            except OutOfBlocksError:
+                self.cache.free(r.seq)                    # its hits go back to the cache
+                r.seq, r.computed, r.cached = None, 0, 0
+                break
+            waiting.popleft()
+            running.append(r)
+            plan.append((r, chunk, slots))
+            budget -= n
         return plan
 
     def _step(self, waiting, running, sampling, stop):
-        self._admit(waiting, running)
         plan = self._schedule(waiting, running)
         if not plan:
             return
