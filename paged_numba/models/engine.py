@@ -66,6 +66,7 @@ class _Request:
     submitted: float
     out: list = field(default_factory=list)
     text: str = ""
+    emitted: str = ""
     seq: int = None
     computed: int = 0          # tokens (prompt + out) whose K/V are in the cache
     cached: int = 0
@@ -133,8 +134,14 @@ class Engine:
             if r.max_new == 0:
                 waiting.remove(r)
                 yield StreamEvent(r.index, -1, "", True, self._result(r, "length"))
-        while waiting or running:
-            yield from self._step(waiting, running, sampling, stop)
+        try:
+            while waiting or running:
+                yield from self._step(waiting, running, sampling, stop)
+        finally:                       # an abandoned or failed stream gives its blocks back
+            for r in running:
+                if r.seq is not None:
+                    self.cache.free(r.seq)
+                    r.seq = None
 
     # ------------------------------------------------------------------------- argument checks
     def _submit(self, prompts, max_new_tokens, seed):
@@ -290,26 +297,20 @@ class Engine:
         reason = None
         if eos is not None and tok == eos:
             reason = "eos"
-            delta = ""
         else:
             r.out.append(tok)
             text = self.tokenizer.decode(r.out)
-            if text.endswith("\ufffd"):          # an incomplete multi-byte character: wait
-                delta = ""
-            else:
-                delta = text[len(r.text):] if text.startswith(r.text) else text
-                r.text = text
             for s in stop:
-                at = r.text.find(s)
+                at = text.find(s)
                 if at >= 0:
-                    cut = r.text[:at]
-                    delta = cut[len(r.text) - len(delta):] if len(cut) >= len(r.text) - len(delta) else ""
-                    r.text = cut
-                    reason = "stop"
+                    text, reason = text[:at], "stop"
                     break
             if reason is None and len(r.out) >= r.max_new:
                 reason = "length"
-                r.text = self.tokenizer.decode(r.out)
+            if reason is not None or not text.endswith("\ufffd"):   # else: a multi-byte character is incomplete
+                r.text = text
+        delta = r.text[len(r.emitted):]
+        r.emitted = r.text
         if reason is None:
             yield StreamEvent(r.index, tok, delta)
             return
