@@ -124,10 +124,11 @@ class Engine:
     def stream(self, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, stop=None,
                seed=None):
         """The streaming form of ``generate``: yields a StreamEvent per new token, in the order
-        they are produced (requests interleave)."""
+        they are produced (requests interleave). The arguments are checked at the call."""
         reqs = self._submit(prompts, max_new_tokens, seed)
-        sampling = self._sampling(temperature, top_k, top_p)
-        stop = self._stops(stop)
+        return self._run(reqs, self._sampling(temperature, top_k, top_p), self._stops(stop))
+
+    def _run(self, reqs, sampling, stop):
         waiting = deque(reqs)
         running = []
         for r in list(waiting):        # requests that need no generation at all
@@ -263,6 +264,8 @@ class Engine:
     def _step(self, waiting, running, sampling, stop):
         plan = self._schedule(waiting, running)
         if not plan:
+            if not running:
+                raise RuntimeError("the engine could not schedule a waiting request in an idle cache")
             return
         used = self.cache.num_blocks - self.cache.num_free_blocks
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], used)
