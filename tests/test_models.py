@@ -220,6 +220,10 @@ def test_streaming_sampling_and_errors(model):
         eng.generate("x", max_new_tokens=16 * 16)
     with pytest.raises(TypeError, match="prompts"):
         eng.generate(3.5)
+    with pytest.raises(TypeError, match="model"):
+        Engine("smollm2", num_blocks=4)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.stream("x", temperature=1.0, top_p=0)   # checked at the call, before iterating
 
 
 def test_loader_refuses_missing_files_and_other_architectures(tmp_path, monkeypatch):

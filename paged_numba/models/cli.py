@@ -129,8 +129,7 @@ def run_workload(engine, prompts, max_new_tokens, progress=True):
         if ev.finished:
             results[ev.index] = ev.result
         if progress and (done % 16 == 0 or ev.finished):
-            _bar(sum(len(r.token_ids) for r in results.values()) + done - sum(
-                len(r.token_ids) for r in results.values()), total, "serve-bench")
+            _bar(done, total, "serve-bench")
     if progress:
         sys.stderr.write("\n")
     return [results[i] for i in sorted(results)], time.perf_counter() - t0

@@ -99,6 +99,9 @@ class Engine:
 
     def __init__(self, model, num_blocks=512, block_size=16, runtime=None, prefix_caching=True, *,
                  max_num_seqs=64, max_tokens_per_step=512):
+        from .llama import LlamaModel
+        if not isinstance(model, LlamaModel):
+            raise TypeError(f"model: expected a LlamaModel (from pn.models.load_gguf), got {type(model).__name__}")
         c = model.config
         self.model = model
         self.tokenizer = model.tokenizer
