@@ -7,6 +7,7 @@ from .ops import (merge_state, merge_states, paged_attention_bwd, paged_attentio
                   write_kv)
 from .runtime import Runtime, available_runtimes, get_runtime, register_runtime
 from .tensor import Tensor, tensor
+from . import models  # noqa: E402  (pn.models: the GGUF runner and the engine; gguf / tokenizers load lazily)
 
 __version__ = "0.1.0"
 

