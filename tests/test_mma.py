@@ -79,7 +79,7 @@ def _probe(kind):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "f16"])
-def test_primitives(kind):
+def test_cuda_primitives(kind):
     from paged_numba.dtypes import BF16, F16
 
     npdt = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}[kind]

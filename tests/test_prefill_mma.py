@@ -56,7 +56,7 @@ def tiles(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_mma_prefill_parity(spy, tiles, dtype, case):
+def test_cuda_mma_prefill_parity(spy, tiles, dtype, case):
     B, H, Hkv, Sq, D, bs, lens, causal, shared = case
     rng = np.random.default_rng(seed_of("mma-prefill", str(dtype), IDS[CASES.index(case)]))
     q, k, v, bt, sl = make_case(rng, B, H, Hkv, Sq, D, bs, lens, dtype, shared=shared)
@@ -79,7 +79,7 @@ def test_mma_prefill_parity(spy, tiles, dtype, case):
     np.testing.assert_allclose(lse, simt_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_mma_prefill_flags_non_finite_scores(spy):
+def test_cuda_mma_prefill_flags_non_finite_scores(spy):
     """A visible score that overflows float32 raises, as on every other path."""
     rng = np.random.default_rng(seed_of("mma-overflow"))
     q, k, v, bt, sl = make_case(rng, 1, 2, 1, 6, 16, 4, [9], F16)
@@ -91,7 +91,7 @@ def test_mma_prefill_flags_non_finite_scores(spy):
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("qdtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=IDS[:2])
-def test_mma_prefill_fp8_kv(spy, fmt, qdtype, case):
+def test_cuda_mma_prefill_fp8_kv(spy, fmt, qdtype, case):
     """FP8 K/V codes staged by cp.async and decoded into q's 16-bit type (exact) on the way into
     the tiles; per-tensor scales folded into the score and output scales."""
     from paged_numba.ops.reference import paged_attention_fwd_fp8_ref, quantize_fp8
@@ -113,7 +113,7 @@ def test_mma_prefill_fp8_kv(spy, fmt, qdtype, case):
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("window", [-1, 0, 5, 40], ids=["nowin", "win0", "win5", "win40"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_mma_prefill_ragged_and_window(spy, dtype, window, causal):
+def test_cuda_mma_prefill_ragged_and_window(spy, dtype, window, causal):
     """A ragged batch (token-major q, per-sequence query counts 0, 1, 9, 20 -- only the two with
     more than 4 queries reach the tiled path) with sliding windows smaller than a block, across
     blocks and beyond L: the tensor-core kernel serves the tiled sequences."""
