@@ -49,7 +49,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, int64
+from numba import cuda, float32, int32, int64
 
 from ...dtypes import F32
 from .codecs import SIM, decode_bits, encode_bits
@@ -135,6 +135,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     NEG_INF = float32(-np.inf)
     MOD = SOFTCAP or ALIBI         # scores are modified in natural units, then scaled to base 2
     ACC_N = R * EPL                # q and accumulator registers per thread
+    SLOPE_N = R if ALIBI else 1
     SC_N = TPS * R                 # scores per thread and tile
     assert NZ >= 1 and TT % NZ == 0 and (TX == 1 or SHFL) and (not SHFL or 32 % TX == 0)
 
@@ -185,14 +186,13 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
         cap = float32(softcap)
         inv_cap = float32(1.0) / cap if SOFTCAP else float32(0.0)
         qreg = cuda.local.array(ACC_N, float32)
-        rpos = cuda.local.array(R, int64)      # each row's absolute query position
-        rslope = cuda.local.array(R, float32)
+        rpos = cuda.local.array(R, int32)      # each row's absolute query position
+        rslope = cuda.local.array(SLOPE_N, float32)   # each row's ALiBi slope (ALIBI only)
         for r in range(R):
             gr = rc * R + r
             rpos[r] = first + gr % Sq
-            rslope[r] = 0.0
-            if ALIBI and gr < rows:
-                rslope[r] = slopes[kvh * G + gr // Sq]
+            if ALIBI:
+                rslope[r] = slopes[kvh * G + gr // Sq] if gr < rows else float32(0.0)
             qrow = row0 + (kvh * G + gr // Sq) * stride_h + (gr % Sq) * stride_i
             for cc in range(WPL):
                 w = tx + TX * cc
@@ -261,7 +261,8 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                         if not abs(x) < np.inf:
                             flag[0] = 1
                         if MOD:
-                            x = _modify(x, cap, inv_cap, rslope[r], rpos[r] - (t0 + tt), SOFTCAP, ALIBI)
+                            x = _modify(x, cap, inv_cap, rslope[r] if ALIBI else float32(0.0), rpos[r] - (t0 + tt),
+                                        SOFTCAP, ALIBI)
                     else:
                         x = NEG_INF
                     sc[j * R + r] = x
