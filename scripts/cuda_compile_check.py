@@ -166,16 +166,18 @@ def specializations(quick: bool = False, partitions=None) -> list:
             for kernel in ("merge_pair", "merge_states"):
                 specs.append(dict(kernel=kernel, D=D, out=name, PT=None, out_storage=dt.storage.name,
                                   factory=dict(D=D, code=dt.code, NT=MT), spec=f"D={D} {name} NT={MT}"))
-    for D in MOD_HEAD_DIMS:   # the tensor-core prefill with a sliding window
+    for D in MOD_HEAD_DIMS:   # the tensor-core prefill with a sliding window, or with softcap + ALiBi
         for qn, kvn, _ in MOD_DTYPE_TRIPLES:
             if qn not in ("f16", "bf16"):
                 continue
-            NW, MT, BK = client.mma_tiles(D, False, kvn != qn, True)
-            specs.append(dict(kernel="prefill_mma+window", D=D, q=qn, kv=kvn, out=qn, PT=None,
-                              factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
-                                           WINDOW=True),
-                              kv_storage=dts[kvn].storage.name,
-                              spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} window"))
+            for window, mods in ((True, False), (False, True)):
+                NW, MT, BK = client.mma_tiles(D, False, kvn != qn, window, mods)
+                tag = "window" if window else "mods"
+                specs.append(dict(kernel=f"prefill_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None,
+                                  factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
+                                               WINDOW=window, SOFTCAP=mods, ALIBI=mods),
+                                  kv_storage=dts[kvn].storage.name,
+                                  spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} {tag}"))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:

@@ -109,9 +109,10 @@ def _assert_report(rows, stdout, ccs, partitions):
             got = {(r["D"], r["q"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, name) for D in MOD_HEAD_DIMS for name in MOD_BWD_DTYPES}
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
-        got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == "prefill_mma+window" and r["cc"] == cc}
-        want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
-        assert got == want, f"prefill_mma+window {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        for kernel in ("prefill_mma+window", "prefill_mma+mods"):
+            got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         for kernel in ("merge_pair", "merge_states"):
             got = {(r["D"], r["out"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, name) for D in HEAD_DIMS for name in BWD_DTYPES}
@@ -120,7 +121,7 @@ def _assert_report(rows, stdout, ccs, partitions):
     per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 2) + len(OUT_DTYPES))
               + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS)
               + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
-              + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS))
+              + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

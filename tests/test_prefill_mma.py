@@ -2,7 +2,7 @@
 are multiples of 16) against the float64 oracle, at shapes small enough for the CUDA simulator
 (where its mma / ldmatrix / cp.async twins run the same fragment indexing): several row tiles and
 key tiles (the double buffer), GQA / MQA / MHA, block sizes 1 / 3 / 16, causal and not, Sq > L,
-L = 0, shared blocks, NaN in unused slots. Each case also checks that the tensor-core kernel is
+L = 0, shared blocks, NaN in unused slots, ragged batches, windows, softcap and ALiBi. Each case also checks that the tensor-core kernel is
 the one that ran, and matches the SIMT tiled kernel within the dtype's tolerance."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def tiles(request, monkeypatch):
     if request.param != "default":
         from paged_numba.runtime import cuda as cuda_rt
         sim = pn.get_runtime("cuda").simulator
-        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False, window=False: (2, 1, 16) if sim else (4, 1, 64))
+        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False, window=False, mods=False: (2, 1, 16) if sim else (4, 1, 64))
     return request.param
 
 
@@ -130,4 +130,39 @@ def test_cuda_mma_prefill_ragged_and_window(spy, dtype, window, causal):
     assert_unchanged(before, q, k, v, bt, sl, cu)
     assert len(spy) == 1, "the tensor-core prefill did not run"
     ref_out, ref_lse = paged_attention_fwd_ref(q, k, v, bt, **kw)
+    assert_fwd_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("softcap,alibi", [(4.0, False), (0.0, True), (2.5, True)],
+                         ids=["softcap", "alibi", "softcap+alibi"])
+@pytest.mark.parametrize("window,fp8", [(-1, None), (6, None), (-1, "e4m3")], ids=["plain", "win6", "fp8"])
+def test_cuda_mma_prefill_softcap_alibi(spy, dtype, softcap, alibi, window, fp8):
+    """Softcap (scores large enough that the tanh saturates) and ALiBi on the tensor-core kernel,
+    over a ragged causal batch, alone, with a window and over FP8 K/V: the modified scores follow
+    the reference within the dtype's tolerance, lse included."""
+    from paged_numba.ops.reference import paged_attention_fwd_fp8_ref, quantize_fp8
+
+    B, H, Hkv, D, bs = 3, 4, 2, 16, 4
+    lens = [9, 30, 21]
+    qn = np.array([6, 17, 0])
+    rng = np.random.default_rng(seed_of("mma-mods", str(dtype), softcap, alibi, window, fp8))
+    _, k, v, bt, sl = make_case(rng, B, H, Hkv, 1, D, bs, lens, np.float32 if fp8 else dtype, shared=True)
+    cu = np.concatenate([[0], np.cumsum(qn)]).astype(np.int32)
+    q = (3.0 * rng.standard_normal((int(cu[-1]), H, D))).astype(dtype)
+    kw = dict(seq_lens=sl, causal=True, cu_seqlens_q=cu, window_left=window, softcap=softcap,
+              alibi_slopes=(rng.uniform(0.05, 1.0, H).astype(np.float32) if alibi else None))
+    if fp8:
+        k, v = quantize_fp8(k, fp8), quantize_fp8(v, fp8)
+        kw.update(q_scale=1.0, k_scale=1.25, v_scale=0.5, o_scale=1.0)
+    before = snapshot(q, k, v, bt, sl, cu)
+    if fp8:
+        out, lse = pn.paged_attention_fwd_fp8(q, k, v, bt, runtime="cuda", **kw)
+        ref_out, ref_lse = paged_attention_fwd_fp8_ref(q, k, v, bt, **kw)
+    else:
+        out, lse = pn.paged_attention_fwd(q, k, v, bt, runtime="cuda", **kw)
+        ref_out, ref_lse = paged_attention_fwd_ref(q, k, v, bt, **kw)
+    assert_unchanged(before, q, k, v, bt, sl, cu)
+    assert len(spy) == 1, "the tensor-core prefill did not run"
+    assert spy[0][1].get("SOFTCAP") == (softcap > 0) and spy[0][1].get("ALIBI") == alibi
     assert_fwd_close(out, lse, ref_out, ref_lse, dtype)

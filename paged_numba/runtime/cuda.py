@@ -91,20 +91,22 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
     return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
-def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False) -> tuple:
+def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: bool = False) -> tuple:
     """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
     for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
     (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
     shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
     fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; with FP8 K/V (whose
-    decode pass needs registers of its own) or a sliding window (per-row lower bounds) 8 warps of
-    16 rows over 64-key tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
-    registers). The simulator runs 1 warp of 2 m-tiles over 16-key tiles (tests swap in others)."""
+    decode pass needs registers of its own), a sliding window (per-row lower bounds) or the score
+    modifiers (softcap / ALiBi: per-score work; 32-row warps spill) 8 warps of 16 rows over 64-key
+    tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O
+    accumulators take 128 registers), over 16-key tiles with the modifiers. The simulator runs 1 warp of 2 m-tiles over 16-key tiles
+    (tests swap in others)."""
     if sim:
         return 1, 2, 16
     if D > 128:
-        return 4, 1, 32
-    return (8, 1, 64) if fp8 or window else (4, 2, 32)
+        return 4, 1, 16 if mods else 32
+    return (8, 1, 64) if fp8 or window or mods else (4, 2, 32)
 
 
 class CudaClient(Client):
@@ -265,8 +267,9 @@ class CudaClient(Client):
         _, sh, si = cfg.row_layout()
         sq = int(cfg.q_lens[cfg.tiled_seqs].max())
         window = cfg.window_left >= 0
-        NW, MT, BK = mma_tiles(D, self.runtime.simulator, kd.is_fp8, window)
-        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window)
+        mods = self._mods(cfg)
+        NW, MT, BK = mma_tiles(D, self.runtime.simulator, kd.is_fp8, window, any(mods.values()))
+        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods)
         args = (q2.reshape(q2.size), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                 meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
@@ -276,13 +279,11 @@ class CudaClient(Client):
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
         exactly into q's dtype), head dims that are multiples of 16 and 16-byte aligned q / K / V
-        (cp.async copies 16 bytes); ragged batches and windows, but not softcap / ALiBi yet."""
+        (cp.async copies 16 bytes); ragged batches, windows, softcap and ALiBi."""
         code = cfg.q_dtype.code
         if not (self.prefill_mma and code in (F16, BF16) and cfg.D % 16 == 0
                 and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)):
             return False
-        if cfg.softcap > 0.0 or cfg.alibi_slopes is not None:
-            return False    # score modifiers: the SIMT kernel (the modified tensor-core loop spills)
         if self.runtime.simulator:
             return True
         return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))

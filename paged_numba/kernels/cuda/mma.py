@@ -174,6 +174,17 @@ if not SIM:
         return sig, codegen
 
     @intrinsic
+    def rcp_approx(typingctx, x):
+        """1 / x by the SFU (``rcp.approx.ftz.f32``: at most 1 ulp; inf -> 0): a full-precision
+        division is a subroutine call whose code stops the unrolling of a score loop."""
+        sig = types.float32(types.float32)
+
+        def codegen(context, builder, sg, args):
+            return _asm(builder, _F32, [args[0]], "rcp.approx.ftz.f32 $0, $1;", "=f,f", side_effect=False)
+
+        return sig, codegen
+
+    @intrinsic
     def udiv32(typingctx, a, b):
         """a // b in unsigned 32-bit arithmetic (numba widens integer division to 64 bits, a
         call on the GPU)."""
@@ -315,6 +326,10 @@ else:
     @cuda.jit(device=True)
     def exp2_approx(x):
         return np.float32(np.exp2(np.float32(x)))
+
+    @cuda.jit(device=True)
+    def rcp_approx(x):
+        return np.float32(np.float32(1.0) / np.float32(x))
 
     @cuda.jit(device=True)
     def udiv32(a, b):

@@ -49,7 +49,7 @@ from numba import cuda, float32, int32, uint8, uint16, uint32
 from ...dtypes import E4M3, E5M2
 from .codecs import decode_bits
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
-                  quad_max, quad_sum, udiv32)
+                  quad_max, quad_sum, rcp_approx, udiv32)
 from .paged_decode import LN2, LOG2E
 
 
@@ -77,14 +77,37 @@ def _key_range(p, L, causal, window, WINDOW):
 @cuda.jit(device=True, inline=True)
 def _modify2(x, cap, inv_cap, slope, dist, SOFTCAP, ALIBI):
     """``paged_decode._modify`` (softcap, then ALiBi; base-2 units out) with tanh(y) computed as
-    1 - 2 / (2 ** (2 y log2 e) + 1) on the SFU: a libdevice tanhf call inside the unrolled score
+    1 - 2 / (2 ** (2 y log2 e) + 1) on the SFU (exp2 and reciprocal): a libdevice tanhf call inside the unrolled score
     loop would keep the accumulators out of registers. Absolute error ~1e-7 (+-1 at the ends)."""
     if SOFTCAP:
         e = exp2_approx(x * inv_cap * float32(2.0 * LOG2E))
-        x = cap * (float32(1.0) - float32(2.0) / (e + float32(1.0)))
+        x = cap * (float32(1.0) - float32(2.0) * rcp_approx(e + float32(1.0)))
     if ALIBI:
         x -= slope * float32(abs(dist))
     return x * float32(LOG2E)
+
+
+@cuda.jit(device=True, inline=True)
+def _online_step(s, o, m, lsum, rr, mx, c2, S1, O1, NS, NO):
+    """The online-softmax step of a thread's row rr over a tile (``mx``: the thread's largest
+    exponent-unit score of the row in the tile): the new row max over the quad, the scores
+    turned into probabilities in place, the running sum and the O accumulators rescaled."""
+    so = (rr // 2) * S1 + 2 * (rr % 2)
+    mnew = max(m[rr], quad_max(mx) * c2)
+    ms = mnew if mnew > float32(-np.inf) else float32(0.0)
+    alpha = exp2_approx(m[rr] - ms)
+    m[rr] = mnew
+    part = float32(0.0)
+    for nt in range(NS):
+        for e in range(2):
+            p = exp2_approx(s[so + nt * 4 + e] * c2 - ms)
+            s[so + nt * 4 + e] = p
+            part += p
+    lsum[rr] = lsum[rr] * alpha + part
+    oo = (rr // 2) * O1 + 2 * (rr % 2)
+    for dt in range(NO):
+        o[oo + dt * 4] *= alpha
+        o[oo + dt * 4 + 1] *= alpha
 
 
 @cuda.jit(device=True, inline=True)
@@ -229,6 +252,9 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         for rr in range(R_N):
             r = R0 + np.uint32(w * WR + 16 * (rr // 2) + g + 8 * (rr % 2))
             a, z = 0, 0                 # a row past R sees nothing (its output is dropped)
+            if ALIBI:                   # ... and its (unmasked) zero scores stay finite
+                pos[rr] = 0
+                slope[rr] = 0.0
             if r < R:
                 i = udiv32(r, uG)
                 a, z = _key_range(first + int32(i), L, causal, window, WINDOW)
@@ -283,6 +309,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         s = cuda.local.array(S_N, float32)
         o = cuda.local.array(O_N, float32)
         m = cuda.local.array(R_N, float32)
+        mrow = cuda.local.array(R_N, float32)       # a tile's row maxima
         lsum = cuda.local.array(R_N, float32)
         for i in range(O_N):
             o[i] = 0.0
@@ -356,21 +383,13 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                             x = s[so + nt * 4 + e]
                             amax = max(amax, abs(x))
                             mx = max(mx, x)
-                mnew = max(m[rr], quad_max(mx) * c2)
-                ms = mnew if mnew > NEG_INF else float32(0.0)
-                alpha = exp2_approx(m[rr] - ms)
-                m[rr] = mnew
-                part = float32(0.0)
-                for nt in range(NS):
-                    for e in range(2):
-                        p = exp2_approx(s[so + nt * 4 + e] * c2 - ms)
-                        s[so + nt * 4 + e] = p
-                        part += p
-                lsum[rr] = lsum[rr] * alpha + part
-                oo = (rr // 2) * O1 + 2 * (rr % 2)
-                for dt in range(NO):
-                    o[oo + dt * 4] *= alpha
-                    o[oo + dt * 4 + 1] *= alpha
+                if MOD:
+                    mrow[rr] = mx
+                else:
+                    _online_step(s, o, m, lsum, rr, mx, c2, S1, O1, NS, NO)
+            if MOD:    # a second pass over the rows: one loop body of both sizes would not be unrolled
+                for rr in range(R_N):
+                    _online_step(s, o, m, lsum, rr, mrow[rr], c2, S1, O1, NS, NO)
             for mt in range(MT):
                 for kk in range(BK // 16):
                     for j in range(4):
