@@ -111,11 +111,15 @@ def mma_bwd_tiles(D: int, sim: bool, window: bool = False) -> tuple:
     """(NW warps, BQ query rows per step) of the tensor-core backward (``paged_backward_mma``) for
     head dim D (a multiple of 16, at most 128): a block owns 16 * NW keys (16 per warp; dK / dV of
     D floats per thread stay in registers), the step's q / dout rows are double buffered in
-    dynamic shared memory (``paged_backward_mma.smem_bytes``). The simulator runs 1 warp over
-    16-row steps (tests swap in others). (issue 11 item 5)"""
+    dynamic shared memory (``paged_backward_mma.smem_bytes``). 8 warps over 128 keys (as
+    FlashAttention-2 at D 64 / 128): each step's dQ atomics (BQ x D per block) and q / dout copies
+    serve 128 keys; BQ 64 up to D 64, 32 above (D 128: 254 registers, no spills in the sm_90
+    check; one block of 256 threads per SM). Not yet tuned on a GPU: benchmarks/gpu_backward.py
+    --bwd-tiles compares layouts. The simulator runs 1 warp over 16-row steps (tests swap in
+    others). (issue 11 item 5)"""
     if sim:
         return 1, 16
-    return (4, 64) if D <= 64 else (4, 32)
+    return (8, 64) if D <= 64 else (8, 32)
 
 
 class CudaClient(Client):
