@@ -2,7 +2,7 @@
 with PyTorch SDPA's backward on the same data made contiguous (fp32, and bf16).
 
     python benchmarks/gpu_backward.py [--B 4] [--H 32] [--Hkv 32] [--L 4096] [--D 128] [--bs 16]
-                                      [--reps 5] [--no-simt] [--bwd-tiles 4x32 8x64 ...] [--no-save]
+                                      [--reps 5] [--no-simt] [--bwd-tiles 4x32 8x32x255 ...] [--no-save]
 
 Workload (issues 5, 11): causal, B=4, H=32 (MHA unless --Hkv), Sq = L = 4096, D=128, block size 16,
 shuffled block table. bf16 runs the public op's default (the tensor-core backward), then -- as
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--no-simt", action="store_true", help="bf16: no SIMT-kernel row")
     ap.add_argument("--bwd-tiles", nargs="*", default=[],
-                    help="bf16: extra tensor-core rows at these layouts, NWxBQ (warps x query rows per step)")
+                    help="bf16: extra tensor-core rows at these layouts, NWxBQ[xMAXREG] (warps x query rows "
+                         "per step x register cap, 0 / none: uncapped)")
     ap.add_argument("--dry-run", action="store_true",
                     help="torch on the CPU and the cpu runtime, for checking this script without a GPU")
     args = ap.parse_args(argv)
@@ -202,14 +203,16 @@ def main(argv=None) -> int:
         if tc:
             from paged_numba.runtime import cuda as cuda_rt
             real_tiles = cuda_rt.mma_bwd_tiles
-            for spec in args.bwd_tiles:          # other tensor-core layouts
-                nw, bq = (int(x) for x in spec.lower().split("x"))
-                cuda_rt.mma_bwd_tiles = lambda D_, sim, window=False, nw=nw, bq=bq: (nw, bq)
+            for spec in args.bwd_tiles:          # other tensor-core layouts: NWxBQ[xMAXREG]
+                nw, bq, *mr = (int(x) for x in spec.lower().split("x"))
+                mr = mr[0] if mr else 0
+                cuda_rt.mma_bwd_tiles = lambda D_, sim, window=False, nw=nw, bq=bq, mr=mr: (nw, bq, mr)
                 try:
                     t_call, t_kern, grads = measure()
                 finally:
                     cuda_rt.mma_bwd_tiles = real_tiles
-                report(f"{name} (tensor cores, {nw} warps x {bq} rows)", t_call, t_kern, errors(grads))
+                report(f"{name} (tensor cores, {nw} warps x {bq} rows, maxreg {mr or '-'})", t_call, t_kern,
+                       errors(grads))
             if not args.no_simt:
                 client.backward_mma = False
                 try:

@@ -17,7 +17,8 @@ and for one row per KV head at 2048; words of ``_word_dtype``) and ``tiled_kerne
 backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
 F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode) and
 the tensor-core backward (``paged_backward_mma.py``, "bwd_mma": F16 / BF16, head dims multiples of 16
-up to 128, tiles of ``mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128). Signatures
+up to 128, tiles of ``mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128; on
+sm_90 with vector reductions, ``VRED``, below without). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
 ``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
@@ -232,10 +233,14 @@ def _backward_specializations(dts) -> list:
             for window in (False, True):
                 if window and (D not in MOD_HEAD_DIMS or name != "bf16"):
                     continue
-                NW, BQ = mma_bwd_tiles(D, False, window)
-                specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma",
-                                  factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window),
-                                  spec=f"D={D} {name} NW={NW} BQ={BQ}" + (" window" if window else "")))
+                NW, BQ, MAXREG = mma_bwd_tiles(D, False, window)
+                # sm_90 and later: pairs of gradients by one red.global.add.v2.f32 (VRED); below, two atomics
+                for vred, ccs in ((True, dict(min_cc=(9, 0))), (False, dict(below_cc=(9, 0)))):
+                    specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma", **ccs,
+                                      factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window, VRED=vred,
+                                                   MAXREG=MAXREG),
+                                      spec=f"D={D} {name} NW={NW} BQ={BQ} maxreg={MAXREG}" + (" window" if window else "")
+                                      + (" vred" if vred else "")))
     specs.append(dict(kernel="bwd_fill", D=None, q=None, kv=None, out="f32", PT=None, factory={},
                       out_storage="float32", spec="float32"))
     for name in BWD_DTYPES[1:]:
@@ -467,6 +472,10 @@ def compile_one(spec, ccs) -> list:
     """One result dict per cc for ``spec``: ok, error, registers, spill_stores, spill_loads,
     stack_frame, smem, cubin_bytes, seconds."""
     base = {k: v for k, v in spec.items() if k != "factory"}
+    # a specialization the client launches only from (min_cc) or below (below_cc) a compute capability
+    ccs = [c for c in ccs if tuple(spec.get("min_cc", (0, 0))) <= c < tuple(spec.get("below_cc", (99, 0)))]
+    if not ccs:
+        return []
     rows = []
     t0 = time.perf_counter()
     try:
@@ -636,6 +645,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def progress(n, total, rows):
+        if not rows:        # a specialization for other compute capabilities only
+            return
         r = rows[0]
         status = "ok" if all(x["ok"] for x in rows) else "FAILED"
         print(f"[{n:3d}/{total}] {r['kernel']:6s} {r['spec']}  {status}  {time.perf_counter() - t0:6.1f} s",

@@ -33,7 +33,8 @@ into A fragments without leaving registers, and accumulates dV += P^T dO and dK 
 (``ldmatrix.trans``) in float32 registers for the whole walk. dS^T goes to shared memory as 16-bit;
 after a barrier the block computes dQ = scale dS K for the step (A fragments of dS by
 ``ldmatrix.trans``, K by ``ldmatrix.trans``) in column chunks of DC and adds it into ``dq`` with
-atomics. At the end dK (times scale) and dV are added once into the pool gradients. Keys t >= L are
+atomics (with VRED, sm_90: one ``red.global.add.v2.f32`` per pair of adjacent columns). At the end
+dK (times scale) and dV are added once into the pool gradients. Keys t >= L are
 zero-filled, never read; rows past R get lse2 = +inf (P = 0), so NaN in unused slots or rows cannot
 reach a result.
 """
@@ -44,9 +45,21 @@ import functools
 import numpy as np
 from numba import cuda, float32, int32, uint16, uint32
 
-from .mma import cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2, udiv32
+from .codecs import SIM
+from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
+                  red_add2, udiv32)
 from .paged_decode import LOG2E
 from .paged_prefill import _load_kv, _resolve, q_row
+
+
+@cuda.jit(device=True, inline=True)
+def _add2(a, i, x, y, VRED):
+    """a[i] += x, a[i + 1] += y atomically (i even): one vector reduction with VRED (sm_90), else two."""
+    if VRED:
+        red_add2(a, i, x, y)
+    else:
+        cuda.atomic.add(a, i, x)
+        cuda.atomic.add(a, i + 1, y)
 
 
 @cuda.jit(device=True, inline=True)
@@ -93,10 +106,11 @@ def _load_meta(l2s, dls, pos, lse2, delta, R0, R, uG, kvh, row0, stride_h, strid
 
 
 @functools.cache
-def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False):
+def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED: bool = False, MAXREG: int = 0):
     """The tensor-core backward for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16),
     NW warps (BK = 16 * NW keys per block) and BQ query rows per step (a multiple of 16); WINDOW
-    turns the sliding window on."""
+    turns the sliding window on; VRED adds each thread's gradient pairs with one vector reduction
+    (sm_90) instead of two atomics; MAXREG caps the registers per thread (0: no cap)."""
     NT = 32 * NW
     BK = 16 * NW
     DP = D + 8
@@ -118,12 +132,14 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False):
     G_N = NO * 4
     Q_N = DC // 2
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=True, **({} if SIM or not MAXREG else {"max_registers": MAXREG}))
     def kernel(q, dout, k, v, table, seq_lens, work, H, stride_h, stride_i, bs, Hkv, scale, causal, window,
                lse2, delta, dk, dv, dq):
         sm = cuda.shared.array(0, uint16)
         sm32 = cuda.shared.array(0, uint32)
-        tid = cuda.threadIdx.x
+        # MAXREG is named here so that it is a closure variable of the kernel, hence part of numba's
+        # on-disk cache key (the max_registers option alone is not)
+        tid = cuda.threadIdx.x + 0 * MAXREG
         lane = tid % 32
         w = tid // 32
         g = lane // 4
@@ -280,8 +296,8 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False):
                             qi = udiv32(r, uG)
                             base = q_row(row0, kvh * uG + (r - qi * uG), qi, stride_h, stride_i) * D + dc * DC
                             for nt in range(DC // 8):
-                                for e in range(2):
-                                    cuda.atomic.add(dq, base + nt * 8 + 2 * t4 + e, dqa[nt * 4 + 2 * half + e] * sc)
+                                _add2(dq, base + nt * 8 + 2 * t4, dqa[nt * 4 + 2 * half] * sc,
+                                      dqa[nt * 4 + 2 * half + 1] * sc, VRED)
 
         for half in range(2):
             kj = kmine + 8 * half
@@ -290,9 +306,8 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False):
                 prow = (np.int64(table[b, blk]) * bs + (kj - int32(blk) * bs)) * Hkv + kvh
                 base = prow * D + 2 * t4
                 for nt in range(NO):
-                    for e in range(2):
-                        cuda.atomic.add(dk, base + nt * 8 + e, dka[nt * 4 + 2 * half + e] * sc)
-                        cuda.atomic.add(dv, base + nt * 8 + e, dva[nt * 4 + 2 * half + e])
+                    _add2(dk, base + nt * 8, dka[nt * 4 + 2 * half] * sc, dka[nt * 4 + 2 * half + 1] * sc, VRED)
+                    _add2(dv, base + nt * 8, dva[nt * 4 + 2 * half], dva[nt * 4 + 2 * half + 1], VRED)
 
     return kernel
 
