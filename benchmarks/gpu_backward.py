@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             for spec in args.bwd_tiles:          # other tensor-core layouts: NWxBQ[xMAXREG]
                 nw, bq, *mr = (int(x) for x in spec.lower().split("x"))
                 mr = mr[0] if mr else 0
-                cuda_rt.mma_bwd_tiles = lambda D_, sim, window=False, nw=nw, bq=bq, mr=mr: (nw, bq, mr)
+                cuda_rt.mma_bwd_tiles = lambda D_, sim, window=False, vred=True, nw=nw, bq=bq, mr=mr: (nw, bq, mr)
                 try:
                     t_call, t_kern, grads = measure()
                 finally:

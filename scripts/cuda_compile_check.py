@@ -233,9 +233,9 @@ def _backward_specializations(dts) -> list:
             for window in (False, True):
                 if window and (D not in MOD_HEAD_DIMS or name != "bf16"):
                     continue
-                NW, BQ, MAXREG = mma_bwd_tiles(D, False, window)
                 # sm_90 and later: pairs of gradients by one red.global.add.v2.f32 (VRED); below, two atomics
                 for vred, ccs in ((True, dict(min_cc=(9, 0))), (False, dict(below_cc=(9, 0)))):
+                    NW, BQ, MAXREG = mma_bwd_tiles(D, False, window, vred)
                     specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma", **ccs,
                                       factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window, VRED=vred,
                                                    MAXREG=MAXREG),

@@ -107,7 +107,7 @@ def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False) -> tup
     return (8, 1, 64) if fp8 or window else (4, 2, 32)
 
 
-def mma_bwd_tiles(D: int, sim: bool, window: bool = False) -> tuple:
+def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True) -> tuple:
     """(NW warps, BQ query rows per step, MAXREG register cap or 0) of the tensor-core backward
     (``paged_backward_mma``) for head dim D (a multiple of 16, at most 128): a block owns 16 * NW
     keys (16 per warp; dK / dV of D floats per thread stay in registers), the step's q / dout rows
@@ -115,13 +115,14 @@ def mma_bwd_tiles(D: int, sim: bool, window: bool = False) -> tuple:
     128 keys (as FlashAttention-2 at D 64 / 128): each step's dQ atomics (BQ x D per block) and q /
     dout copies serve 128 keys; BQ 64 up to D 64, 32 above. Uncapped, ptxas takes 255 registers
     and spills a few bytes in some of these (D 80, D 64 with a window, D 128 without VRED); the
-    caps are the ones the sm_90 / sm_80 check compiles without spills (scripts/cuda_compile_check.py).
+    caps are the ones the sm_90 (``vred``: vector reductions) / sm_80 check compiles without
+    spills (scripts/cuda_compile_check.py).
     Not yet tuned on a GPU: benchmarks/gpu_backward.py --bwd-tiles compares layouts. The simulator
     runs 1 warp over 16-row steps (tests swap in others). (issue 11 item 5)"""
     if sim:
         return 1, 16, 0
     if D <= 64:
-        return 8, 64, 224
+        return 8, 64, (232 if window and not vred else 224)
     return 8, 32, (200 if D <= 80 else 240)
 
 
@@ -217,15 +218,15 @@ class CudaClient(Client):
         _, bs, Hkv, D = cfg.kv_shape
         _, sh, si = cfg.row_layout()
         window = cfg.window_left >= 0
-        NW, BQ, MAXREG = mma_bwd_tiles(D, rt.simulator, window)
+        # sm_90: dQ / dK / dV pairs by one vector reduction (the simulator runs its twin: 2 atomics)
+        vred = rt.simulator or self._cuda.get_current_device().compute_capability >= (9, 0)
+        NW, BQ, MAXREG = mma_bwd_tiles(D, rt.simulator, window, vred)
         n = q2.size
         dqf = self._cuda.device_array(n, np.float32)
         ET = 32 if rt.simulator else 256
         EB = min(-(-n // ET), 8 * rt.sm_count)
         fill_kernel()[EB, ET](dqf)
         if cfg.max_span:
-            # sm_90: dQ / dK / dV pairs by one vector reduction (the simulator runs its twin: 2 atomics)
-            vred = rt.simulator or self._cuda.get_current_device().compute_capability >= (9, 0)
             kern = dkdvq_kernel(D, cfg.q_dtype.code, NW, BQ, WINDOW=window, VRED=vred, MAXREG=MAXREG)
             args = (q2.reshape(n), do2.reshape(n), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens,
                     meta.work, cfg.H, sh, si, bs, Hkv, cfg.scale, cfg.causal, cfg.window_left, lse2, delta, dk, dv,
