@@ -5,7 +5,7 @@ On the CUDA simulator (where the mma / ldmatrix / cp.async twins run the kernel'
 indexing) at tiny shapes: several key tiles and query steps (the double buffer), GQA 1 / 4, block
 sizes 8 / 16, head dims 16 / 32, causal and not, Sq > L (rows without keys), L = 0, shared blocks
 (the shared slot's gradient is the sum over the sequences), ragged batches (``cu_seqlens_q``) with
-sliding windows, NaN in every unused pool slot; two tile layouts (1 warp, and 2 warps with 32-row
+sliding windows, dense windows with a GQA group of 3, NaN in every unused pool slot; two tile layouts (1 warp, and 2 warps with 32-row
 steps: the dQ work split over warps). GPU-only cases: head dims 64 / 128 at the client's tiles,
 prefill-sized Sq. Every case checks that the tensor-core kernel ran (and the routing cases that
 it did not) with the tolerance style of ``test_backward.py`` (max error over max |ref|, floored at
@@ -191,6 +191,19 @@ def test_cuda_bwd_mma_ragged_window(spy, dtype, window, causal):
     grads = run_bwd(q, k, v, bt, sl, dout, **kw)
     assert len(spy) == 1, "the tensor-core backward did not run"
     check(grads, q, k, v, bt, sl, dout, dtype, **kw)
+
+
+@pytest.mark.parametrize("causal,window", [(False, 4), (True, 9)], ids=["full-win4", "causal-win9"])
+def test_cuda_bwd_mma_dense_window_gqa3(spy, causal, window):
+    """The dense layout with a window, a GQA group of 3 (rows interleave 3 heads: the row -> (query,
+    head) division is not a shift), block size 16, Sq > L in one sequence."""
+    rng = np.random.default_rng(seed_of("bwd-mma-gqa3", causal, window))
+    q, k, v, bt, sl = make_case(rng, 2, 3, 1, 7, 16, 16, [23, 5], F16)
+    dout = rng.standard_normal(q.shape).astype(F16)
+    kw = dict(causal=causal, window_left=window)
+    grads = run_bwd(q, k, v, bt, sl, dout, **kw)
+    assert len(spy) == 1, "the tensor-core backward did not run"
+    check(grads, q, k, v, bt, sl, dout, F16, **kw)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
