@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -156,9 +157,16 @@ def main(argv=None) -> int:
                     for _ in range(args.reps):
                         call()
                     rt.synchronize()
-                us = [e.time_range.elapsed_us() for e in prof.events()
-                      if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
-                t_kern = sum(us) * 1e-6 / args.reps if us else None
+                evs = [e for e in prof.events()
+                       if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+                t_kern = sum(e.time_range.elapsed_us() for e in evs) * 1e-6 / args.reps if evs else None
+                per = {}            # per kernel (numba's mangled names, shortened): what bounds the call
+                for e in evs:
+                    found = re.findall(r"([A-Za-z_]+_kernel)", e.name)
+                    short = found[-1] if found else e.name[:60]
+                    per[short] = per.get(short, 0.0) + e.time_range.elapsed_us() * 1e-3 / args.reps
+                for kname, ms in sorted(per.items(), key=lambda x: -x[1]):
+                    log(f"    {ms:9.3f} ms  {kname}")
             return float(np.median(walls)), t_kern, grads
 
         # Errors against torch's fp32-or-bf16 gradients, relative to their max.
