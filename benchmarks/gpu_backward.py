@@ -9,8 +9,9 @@ shuffled block table. bf16 runs the public op's default (the tensor-core backwar
 extra rows -- the SIMT kernels (``client.backward_mma = False``; skip with --no-simt) and the
 tensor-core backward at other (warps x query rows per step) layouts than ``mma_bwd_tiles``'s
 (--bwd-tiles). With --Hkv < H torch runs on K / V repeated over the GQA group (its gradients
-summed back through the repeat). The pool holds exactly the contiguous K/V, so both sides compute the same gradients; the
-paged dk / dv are gathered back through the table for the error column. Times: torch rows are CUDA
+summed back through the repeat). The pool holds exactly the contiguous K/V, so both sides compute
+the same gradients; the paged dk / dv are gathered back through the table for the error column;
+each paged_numba row also logs its kernels' CUPTI times. Times: torch rows are CUDA
 events around ``torch.autograd.grad`` (median); 'paged_numba call' is the wall clock of a public
 call with Tensors in (synchronized); 'paged_numba kernels' is the GPU kernel time from the
 profiler's CUPTI trace. TFLOP/s counts 2.5 x the forward's 4 B H Sq L D, halved for causal.

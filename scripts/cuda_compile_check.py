@@ -239,7 +239,8 @@ def _backward_specializations(dts) -> list:
                     specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma", **ccs,
                                       factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window, VRED=vred,
                                                    MAXREG=MAXREG),
-                                      spec=f"D={D} {name} NW={NW} BQ={BQ} maxreg={MAXREG}" + (" window" if window else "")
+                                      spec=f"D={D} {name} NW={NW} BQ={BQ} maxreg={MAXREG}"
+                                      + (" window" if window else "")
                                       + (" vred" if vred else "")))
     specs.append(dict(kernel="bwd_fill", D=None, q=None, kv=None, out="f32", PT=None, factory={},
                       out_storage="float32", spec="float32"))

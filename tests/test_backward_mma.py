@@ -5,11 +5,12 @@ On the CUDA simulator (where the mma / ldmatrix / cp.async twins run the kernel'
 indexing) at tiny shapes: several key tiles and query steps (the double buffer), GQA 1 / 4, block
 sizes 8 / 16, head dims 16 / 32, causal and not, Sq > L (rows without keys), L = 0, shared blocks
 (the shared slot's gradient is the sum over the sequences), ragged batches (``cu_seqlens_q``) with
-sliding windows, dense windows with a GQA group of 3, NaN in every unused pool slot; two tile layouts (1 warp, and 2 warps with 32-row
-steps: the dQ work split over warps). GPU-only cases: head dims 64 / 128 at the client's tiles,
-prefill-sized Sq. Every case checks that the tensor-core kernel ran (and the routing cases that
-it did not) with the tolerance style of ``test_backward.py`` (max error over max |ref|, floored at
-a tenth of the size of the terms that cancel).
+sliding windows, dense windows with a GQA group of 3, NaN in every unused pool slot; two tile
+layouts (1 warp, and 2 warps with 32-row steps: the dQ work split over warps). GPU-only cases: head
+dims 64 / 128 at the client's tiles and at 4 warps, prefill-sized Sq, ragged with windows. Every
+case checks that the tensor-core kernel ran (and the routing cases that it did not) with the
+tolerance style of ``test_backward.py`` (max error over max |ref|, floored at a tenth of the size
+of the terms that cancel).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def tiles(request, monkeypatch):
     8 warps halved)."""
     if getattr(request, "param", "default") != "default":
         from paged_numba.runtime import cuda as cuda_rt
-        monkeypatch.setattr(cuda_rt, "mma_bwd_tiles", lambda D, s, window=False, vred=True: (2, 32, 0) if s else (4, 32, 0))
+        monkeypatch.setattr(cuda_rt, "mma_bwd_tiles",
+                            lambda D, s, window=False, vred=True: (2, 32, 0) if s else (4, 32, 0))
     return request.param
 
 

@@ -30,13 +30,15 @@ reaches its last key), BQ rows a step, the step's q / dout rows double buffered 
 fragments by ``ldmatrix``), P^T = 2^(c S^T - lse2) and dS^T = P^T (dP^T - delta) in registers
 (masked only in steps that cross a bound: causal diagonal, window edge, keys past L), repacks them
 into A fragments without leaving registers, and accumulates dV += P^T dO and dK += dS^T Q
-(``ldmatrix.trans``) in float32 registers for the whole walk. dS^T goes to shared memory as 16-bit;
-after a barrier the block computes dQ = scale dS K for the step (A fragments of dS by
-``ldmatrix.trans``, K by ``ldmatrix.trans``) in column chunks of DC and adds it into ``dq`` with
-atomics (with VRED, sm_90: one ``red.global.add.v2.f32`` per pair of adjacent columns). At the end
-dK (times scale) and dV are added once into the pool gradients. Keys t >= L are
-zero-filled, never read; rows past R get lse2 = +inf (P = 0), so NaN in unused slots or rows cannot
-reach a result.
+(``ldmatrix.trans``) in float32 registers for the whole walk. dS^T goes to shared memory as 16-bit
+(double buffered); after the next step's barrier -- one barrier per step -- the block computes dQ =
+scale dS K for the step (A fragments of dS by ``ldmatrix.trans``, K by ``ldmatrix.trans``) in
+units of 16 rows x DC columns spread over the warps and adds it into ``dq`` with atomics (with
+VRED, sm_90: one ``red.global.add.v2.f32`` per pair of adjacent columns). At the end dK (times
+scale) and dV are added once into the pool gradients. Keys t >= L are zero-filled, never read;
+rows past R get lse2 = +inf (P = 0), so NaN in unused slots or rows cannot reach a result. dQ
+rows that get atomics from three or more key tiles are not bit-reproducible from run to run (the
+order of float32 additions varies), as in FlashAttention-2.
 """
 from __future__ import annotations
 
@@ -122,11 +124,12 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
     DC = 32 if D % 32 == 0 else 16   # dQ columns per unit of work
     UNITS = MQ * (D // DC)
     UPW = -(-UNITS // NW)        # units per warp (the last ones repeat a unit, without the atomics)
-    KOFF, VOFF = 0, BK * DP      # smem (uint16 elements): K | V | Q0 Q1 | dO0 dO1 | dS^T
+    KOFF, VOFF = 0, BK * DP      # smem (uint16 elements): K | V | Q0 Q1 | dO0 dO1 | dS^T0 dS^T1
     QOFF = 2 * BK * DP
     DOFF = QOFF + 2 * BQ * DP
     SOFF = DOFF + 2 * BQ * DP
     TILE = BQ * DP
+    STILE = BK * BQP             # one dS^T buffer
     S_N = NS * 4
     P_N = BQ // 4
     G_N = NO * 4
@@ -204,11 +207,11 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
         sc = float32(scale)
         kmine = k0 + 16 * w + g                 # this thread's keys: kmine, kmine + 8
 
-        for st in range(n_steps):
+        for st in range(n_steps + 1):      # iteration st: dQ of step st - 1, then step st
             cur = st & 1
             R0 = np.uint32(r_lo + np.uint32(st * BQ))
             cp_async_wait_all()
-            cuda.syncthreads()      # step st landed for everyone; step st - 1 (and dS^T) consumed
+            cuda.syncthreads()      # step st landed; step st - 1 done (its dS^T complete)
             if st + 1 < n_steps:
                 R1 = np.uint32(R0 + np.uint32(BQ))
                 _load_rows(sm, q, dout, R1, R, uG, kvh, row0, stride_h, stride_i, QOFF + (1 - cur) * TILE,
@@ -216,88 +219,90 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
                 _load_meta(l2s[1 - cur], dls[1 - cur], pos[1 - cur], lse2, delta, R1, R, uG, kvh, row0, stride_h,
                            stride_i, first, tid, NT, BQ)
             cp_async_commit()
-            qo = QOFF + cur * TILE
-            do = DOFF + cur * TILE
+            # dQ[rows of step st - 1, :] += scale dS K, in units of 16 rows x DC columns.
+            if st > 0:
+                Rp = np.uint32(R0 - np.uint32(BQ))
+                for ui in range(UPW):
+                    u = w + NW * ui
+                    ok = u < UNITS
+                    if not ok:
+                        u = UNITS - 1
+                    mq = u % MQ
+                    dc = u // MQ
+                    for i in range(Q_N):
+                        dqa[i] = 0.0
+                    for kb in range(BK // 16):
+                        ldsm_x4_t(kf, 0, sm, SOFF + (1 - cur) * STILE + sa + kb * 16 * BQP + mq * 16)
+                        for dd in range(DC // 16):
+                            ldsm_x4_t(bf, 0, sm, KOFF + qt + kb * 16 * DP + dc * DC + dd * 16)
+                            mma(kind, dqa, dd * 8, kf, 0, bf, 0)
+                            mma(kind, dqa, dd * 8 + 4, kf, 0, bf, 2)
+                    if ok:
+                        for half in range(2):
+                            r = Rp + np.uint32(mq * 16 + g + 8 * half)
+                            if r < r_hi:
+                                qi = udiv32(r, uG)
+                                base = q_row(row0, kvh * uG + (r - qi * uG), qi, stride_h, stride_i) * D + dc * DC
+                                for nt in range(DC // 8):
+                                    _add2(dq, base + nt * 8 + 2 * t4, dqa[nt * 4 + 2 * half] * sc,
+                                          dqa[nt * 4 + 2 * half + 1] * sc, VRED)
+            if st < n_steps:
+                qo = QOFF + cur * TILE
+                do = DOFF + cur * TILE
 
-            for i in range(S_N):
-                s[i] = 0.0
-                dp[i] = 0.0
-            for ks in range(KS):
-                ldsm_x4(kf, 0, sm, KOFF + ka + ks * 16)
-                for np2 in range(NS // 2):
-                    ldsm_x4(bf, 0, sm, qo + qb + np2 * 16 * DP + ks * 16)
-                    mma(kind, s, np2 * 8, kf, 0, bf, 0)
-                    mma(kind, s, np2 * 8 + 4, kf, 0, bf, 2)
-                ldsm_x4(kf, 0, sm, VOFF + ka + ks * 16)
-                for np2 in range(NS // 2):
-                    ldsm_x4(bf, 0, sm, do + qb + np2 * 16 * DP + ks * 16)
-                    mma(kind, dp, np2 * 8, kf, 0, bf, 0)
-                    mma(kind, dp, np2 * 8 + 4, kf, 0, bf, 2)
+                for i in range(S_N):
+                    s[i] = 0.0
+                    dp[i] = 0.0
+                for ks in range(KS):
+                    ldsm_x4(kf, 0, sm, KOFF + ka + ks * 16)
+                    for np2 in range(NS // 2):
+                        ldsm_x4(bf, 0, sm, qo + qb + np2 * 16 * DP + ks * 16)
+                        mma(kind, s, np2 * 8, kf, 0, bf, 0)
+                        mma(kind, s, np2 * 8 + 4, kf, 0, bf, 2)
+                    ldsm_x4(kf, 0, sm, VOFF + ka + ks * 16)
+                    for np2 in range(NS // 2):
+                        ldsm_x4(bf, 0, sm, do + qb + np2 * 16 * DP + ks * 16)
+                        mma(kind, dp, np2 * 8, kf, 0, bf, 0)
+                        mma(kind, dp, np2 * 8 + 4, kf, 0, bf, 2)
 
-            # P^T = 2^(c S^T - lse2), dS^T = P^T (dP^T - delta); element j of n-tile nt is key
-            # kmine + 8 (j // 2), row R0 + nt * 8 + 2 t4 + j % 2. Steps inside every bound skip the mask.
-            r_last = np.uint32(min(R, np.uint32(R0 + np.uint32(BQ))) - np.uint32(1))
-            p_first = first + int32(udiv32(R0, uG))
-            masked = k0 + BK > L or (causal and k0 + BK - 1 > p_first)
-            if WINDOW:
-                masked = masked or k0 < first + int32(udiv32(r_last, uG)) - window
-            for nt in range(NS):
-                for j in range(4):
-                    col = nt * 8 + 2 * t4 + j % 2
-                    x = s[nt * 4 + j]
-                    p = exp2_approx(x * c - l2s[cur, col])
-                    if masked:
-                        kj = kmine + 8 * (j // 2)
-                        ps = pos[cur, col]
-                        vis = kj < L and (not causal or kj <= ps)
-                        if WINDOW:
-                            vis = vis and kj >= ps - window
-                        p = p if vis else float32(0.0)
-                    s[nt * 4 + j] = p
-                    dp[nt * 4 + j] = p * (dp[nt * 4 + j] - dls[cur, col])
-            for kk in range(BQ // 16):
-                for j in range(4):
-                    src = (2 * kk + j // 2) * 4 + 2 * (j % 2)
-                    pf[kk * 4 + j] = pack2(kind, s[src], s[src + 1])
-                    x = pack2(kind, dp[src], dp[src + 1])
-                    df[kk * 4 + j] = x
-                    # dS^T row 16 w + g + 8 (j % 2), columns (2 kk + j // 2) * 8 + 2 t4 (+1)
-                    sm32[(SOFF + (16 * w + g + 8 * (j % 2)) * BQP + (2 * kk + j // 2) * 8 + 2 * t4) // 2] = x
-            for kk in range(BQ // 16):
-                for dd in range(D // 16):
-                    ldsm_x4_t(bf, 0, sm, do + qt + kk * 16 * DP + dd * 16)
-                    mma(kind, dva, dd * 8, pf, kk * 4, bf, 0)
-                    mma(kind, dva, dd * 8 + 4, pf, kk * 4, bf, 2)
-                    ldsm_x4_t(bf, 0, sm, qo + qt + kk * 16 * DP + dd * 16)
-                    mma(kind, dka, dd * 8, df, kk * 4, bf, 0)
-                    mma(kind, dka, dd * 8 + 4, df, kk * 4, bf, 2)
-            cuda.syncthreads()      # dS^T of every warp in shared memory
-
-            # dQ[rows, :] += scale dS K, in units of 16 rows x DC columns.
-            for ui in range(UPW):
-                u = w + NW * ui
-                ok = u < UNITS
-                if not ok:
-                    u = UNITS - 1
-                mq = u % MQ
-                dc = u // MQ
-                for i in range(Q_N):
-                    dqa[i] = 0.0
-                for kb in range(BK // 16):
-                    ldsm_x4_t(kf, 0, sm, SOFF + sa + kb * 16 * BQP + mq * 16)
-                    for dd in range(DC // 16):
-                        ldsm_x4_t(bf, 0, sm, KOFF + qt + kb * 16 * DP + dc * DC + dd * 16)
-                        mma(kind, dqa, dd * 8, kf, 0, bf, 0)
-                        mma(kind, dqa, dd * 8 + 4, kf, 0, bf, 2)
-                if ok:
-                    for half in range(2):
-                        r = R0 + np.uint32(mq * 16 + g + 8 * half)
-                        if r < r_hi:
-                            qi = udiv32(r, uG)
-                            base = q_row(row0, kvh * uG + (r - qi * uG), qi, stride_h, stride_i) * D + dc * DC
-                            for nt in range(DC // 8):
-                                _add2(dq, base + nt * 8 + 2 * t4, dqa[nt * 4 + 2 * half] * sc,
-                                      dqa[nt * 4 + 2 * half + 1] * sc, VRED)
+                # P^T = 2^(c S^T - lse2), dS^T = P^T (dP^T - delta); element j of n-tile nt is key
+                # kmine + 8 (j // 2), row R0 + nt * 8 + 2 t4 + j % 2. Steps inside every bound skip the mask.
+                r_last = np.uint32(min(R, np.uint32(R0 + np.uint32(BQ))) - np.uint32(1))
+                p_first = first + int32(udiv32(R0, uG))
+                masked = k0 + BK > L or (causal and k0 + BK - 1 > p_first)
+                if WINDOW:
+                    masked = masked or k0 < first + int32(udiv32(r_last, uG)) - window
+                for nt in range(NS):
+                    for j in range(4):
+                        col = nt * 8 + 2 * t4 + j % 2
+                        x = s[nt * 4 + j]
+                        p = exp2_approx(x * c - l2s[cur, col])
+                        if masked:
+                            kj = kmine + 8 * (j // 2)
+                            ps = pos[cur, col]
+                            vis = kj < L and (not causal or kj <= ps)
+                            if WINDOW:
+                                vis = vis and kj >= ps - window
+                            p = p if vis else float32(0.0)
+                        s[nt * 4 + j] = p
+                        dp[nt * 4 + j] = p * (dp[nt * 4 + j] - dls[cur, col])
+                for kk in range(BQ // 16):
+                    for j in range(4):
+                        src = (2 * kk + j // 2) * 4 + 2 * (j % 2)
+                        pf[kk * 4 + j] = pack2(kind, s[src], s[src + 1])
+                        x = pack2(kind, dp[src], dp[src + 1])
+                        df[kk * 4 + j] = x
+                        # dS^T row 16 w + g + 8 (j % 2), columns (2 kk + j // 2) * 8 + 2 t4 (+1)
+                        sm32[(SOFF + cur * STILE + (16 * w + g + 8 * (j % 2)) * BQP + (2 * kk + j // 2) * 8
+                              + 2 * t4) // 2] = x
+                for kk in range(BQ // 16):
+                    for dd in range(D // 16):
+                        ldsm_x4_t(bf, 0, sm, do + qt + kk * 16 * DP + dd * 16)
+                        mma(kind, dva, dd * 8, pf, kk * 4, bf, 0)
+                        mma(kind, dva, dd * 8 + 4, pf, kk * 4, bf, 2)
+                        ldsm_x4_t(bf, 0, sm, qo + qt + kk * 16 * DP + dd * 16)
+                        mma(kind, dka, dd * 8, df, kk * 4, bf, 0)
+                        mma(kind, dka, dd * 8 + 4, df, kk * 4, bf, 2)
 
         for half in range(2):
             kj = kmine + 8 * half
@@ -314,6 +319,6 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
 
 def smem_bytes(D: int, NW: int, BQ: int) -> int:
     """Dynamic shared memory of ``dkdvq_kernel(D, kind, NW, BQ)``: the K and V tiles, two q and two
-    dout step buffers, and dS^T."""
+    dout step buffers, and two dS^T buffers."""
     BK = 16 * NW
-    return (2 * BK + 4 * BQ) * (D + 8) * 2 + BK * (BQ + 8) * 2
+    return (2 * BK + 4 * BQ) * (D + 8) * 2 + 2 * BK * (BQ + 8) * 2
