@@ -115,14 +115,15 @@ def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True) ->
     128 keys (as FlashAttention-2 at D 64 / 128): each step's dQ atomics (BQ x D per block) and q /
     dout copies serve 128 keys; BQ 64 up to D 64, 32 above. Uncapped, ptxas takes 255 registers
     and spills a few bytes in some of these (D 80, D 64 with a window, D 128 without VRED); the
-    caps are the ones the sm_90 (``vred``: vector reductions) / sm_80 check compiles without
-    spills (scripts/cuda_compile_check.py).
+    caps are ones the sm_90 (``vred``: vector reductions) / sm_80 check compiles without spills
+    (scripts/cuda_compile_check.py) -- ptxas is erratic this close to 255 (at D 64 a cap of 224
+    spills with VRED and 232 without, not the other way round).
     Not yet tuned on a GPU: benchmarks/gpu_backward.py --bwd-tiles compares layouts. The simulator
     runs 1 warp over 16-row steps (tests swap in others). (issue 11 item 5)"""
     if sim:
         return 1, 16, 0
     if D <= 64:
-        return 8, 64, (232 if window and not vred else 224)
+        return 8, 64, (232 if vred or window else 224)
     return 8, 32, (200 if D <= 80 else 240)
 
 
