@@ -15,7 +15,10 @@ GPU: for head dims 16, 40, 64, 80, 128, 256 crossed with the (q, kv, out) dtype 
 and for one row per KV head at 2048; words of ``_word_dtype``) and ``tiled_kernel`` (longer Sq:
 ``tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
 backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
-F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode). Signatures
+F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode) and
+the tensor-core backward (``paged_backward_mma.py``, "bwd_mma": F16 / BF16, head dims multiples of 16
+up to 128, tiles of ``mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128; on
+sm_90 with vector reductions, ``VRED``, below without). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
 ``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
@@ -221,6 +224,26 @@ def _backward_specializations(dts) -> list:
                     specs.append(dict(base, kernel=kernel + "+mods",
                                       factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY, SOFTCAP=True, ALIBI=True),
                                       spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY} softcap+alibi"))
+    from paged_numba.runtime.cuda import mma_bwd_tiles
+    for D in HEAD_DIMS:   # the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128
+        if D % 16 or D > 128:
+            continue
+        for name in BWD_DTYPES[1:]:
+            dt = dts[name]
+            base = dict(D=D, q=name, kv=name, out=name, PT=None, q_storage=dt.storage.name,
+                        out_storage=dt.storage.name)
+            for window in (False, True):
+                if window and (D not in MOD_HEAD_DIMS or name != "bf16"):
+                    continue
+                # sm_90 and later: pairs of gradients by one red.global.add.v2.f32 (VRED); below, two atomics
+                for vred, ccs in ((True, dict(min_cc=(9, 0))), (False, dict(below_cc=(9, 0)))):
+                    NW, BQ, MAXREG = mma_bwd_tiles(D, False, window, vred)
+                    specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma", **ccs,
+                                      factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window, VRED=vred,
+                                                   MAXREG=MAXREG),
+                                      spec=f"D={D} {name} NW={NW} BQ={BQ} maxreg={MAXREG}"
+                                      + (" window" if window else "")
+                                      + (" vred" if vred else "")))
     specs.append(dict(kernel="bwd_fill", D=None, q=None, kv=None, out="f32", PT=None, factory={},
                       out_storage="float32", spec="float32"))
     for name in BWD_DTYPES[1:]:
@@ -295,6 +318,10 @@ def _backward_signature(spec, arr):
             arr(f32, 1), arr(f32, 1))
     if kind == "bwd_dkdv":
         return nt.void(*head, arr(f32, 3), arr(f32, 3))
+    if kind == "bwd_mma":   # flat uint16 q, dout, k, v; flat float32 lse2, delta, dk, dv, dq
+        u16, f = arr("uint16", 1), arr(f32, 1)
+        return nt.void(u16, u16, u16, u16, arr("int32", 2), arr("int32", 1), arr("int32", 2), nt.int64, nt.int64,
+                       nt.int64, nt.int64, nt.int64, nt.float64, nt.boolean, nt.int64, f, f, f, f, f)
     return nt.void(*head, arr(st, 2))
 
 
@@ -432,8 +459,10 @@ def _factory(spec):
         return prefill_kernel(**spec["factory"])
     if kind.startswith("bwd_"):
         from paged_numba.kernels.cuda import paged_attention_bwd as bwd
+        from paged_numba.kernels.cuda import paged_backward_mma as bwd_mma
         factory = {"bwd_delta": bwd.delta_kernel, "bwd_dkdv": bwd.dkdv_kernel, "bwd_dq": bwd.dq_kernel,
-                   "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel}[kind]
+                   "bwd_fill": bwd.fill_kernel, "bwd_encode": bwd.encode_kernel,
+                   "bwd_mma": bwd_mma.dkdvq_kernel}[kind]
         return factory(**spec["factory"])
     if spec["kernel"] == "write_kv":
         from paged_numba.kernels.cuda.write_kv import write_kv_kernel
@@ -446,6 +475,10 @@ def compile_one(spec, ccs) -> list:
     """One result dict per cc for ``spec``: ok, error, registers, spill_stores, spill_loads,
     stack_frame, smem, cubin_bytes, seconds."""
     base = {k: v for k, v in spec.items() if k != "factory"}
+    # a specialization the client launches only from (min_cc) or below (below_cc) a compute capability
+    ccs = [c for c in ccs if tuple(spec.get("min_cc", (0, 0))) <= c < tuple(spec.get("below_cc", (99, 0)))]
+    if not ccs:
+        return []
     rows = []
     t0 = time.perf_counter()
     try:
@@ -554,8 +587,8 @@ def format_table(rows) -> str:
 def format_summary(rows) -> str:
     out = []
     for kernel in ("decode", "decode+mods", "tiled", "tiled+mods", "merge", "write_kv", "bwd_delta", "bwd_dkdv",
-                   "bwd_dkdv+mods", "bwd_dq", "bwd_dq+mods", "bwd_fill", "bwd_encode", "merge_pair",
-                   "merge_states"):
+                   "bwd_dkdv+mods", "bwd_dq", "bwd_dq+mods", "bwd_mma", "bwd_mma+window", "bwd_fill", "bwd_encode",
+                   "merge_pair", "merge_states"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]
@@ -599,7 +632,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--only", nargs="+", default=None,
                     help="compile only these kernels (decode, decode+mods, tiled, tiled+mods, merge, write_kv, "
-                         "bwd_delta, bwd_dkdv, bwd_dkdv+mods, bwd_dq, bwd_dq+mods, bwd_fill, bwd_encode, "
+                         "bwd_delta, bwd_dkdv, bwd_dkdv+mods, bwd_dq, bwd_dq+mods, bwd_mma, bwd_mma+window, "
+                         "bwd_fill, bwd_encode, "
                          "merge_pair, merge_states)")
     ap.add_argument("--head-dims", nargs="+", type=int, default=None, help="compile only these head dims")
     args = ap.parse_args(argv)
@@ -614,6 +648,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def progress(n, total, rows):
+        if not rows:        # a specialization for other compute capabilities only
+            return
         r = rows[0]
         status = "ok" if all(x["ok"] for x in rows) else "FAILED"
         print(f"[{n:3d}/{total}] {r['kernel']:6s} {r['spec']}  {status}  {time.perf_counter() - t0:6.1f} s",

@@ -41,7 +41,7 @@ TEST_ARGS = ["-q", "--runxfail", "-p", "no:cacheprovider", "-k", "cuda and not c
 # Rough cost of each test module's cuda cases (compiles + runs), for splitting them over processes.
 TEST_WEIGHT = {"test_forward.py": 3, "test_backward.py": 3, "test_fp8.py": 3, "test_tiny_grid.py": 2,
                "test_masks.py": 3, "test_masks_grid.py": 3, "test_prefill_mma.py": 2,
-               "test_kv_cache.py": 2, "test_write_kv.py": 1}
+               "test_kv_cache.py": 2, "test_write_kv.py": 1, "test_backward_mma.py": 2}
 BENCH_RESERVE = {False: 240.0, True: 150.0}   # seconds kept for the benchmark (quick: True)
 
 PROBE = r"""

@@ -1,5 +1,5 @@
 """Every CUDA kernel specialization the CUDA client launches (split-K decode, tiled prefill, the
-tensor-core prefill, merge, write_kv, the backward, merge_state(s); decode / tiled / tensor-core
+tensor-core prefill, merge, write_kv, the backward (SIMT and tensor-core), merge_state(s); decode / tiled / tensor-core
 prefill with a window, backward also with softcap + ALiBi) compiles to a cubin for sm_90 with no GPU, and none
 spills registers.
 
@@ -39,6 +39,10 @@ MOD_HEAD_DIMS = (64, 128, 256)
 MOD_DTYPE_TRIPLES = (("f32", "f32", "f32"), ("bf16", "bf16", "bf16"), ("bf16", "e4m3", "bf16"))
 MOD_BWD_DTYPES = ("f32", "bf16")
 MMA_MOD_PAIRS = (("bf16", "bf16"), ("bf16", "e4m3"))   # (q, kv) of the 16-bit MOD triples
+# the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128; with a window: BF16 at
+# the MOD head dims up to 128
+BWD_MMA_HEAD_DIMS = tuple(D for D in MMA_HEAD_DIMS if D <= 128)
+BWD_MMA_WINDOW_HEAD_DIMS = tuple(D for D in MOD_HEAD_DIMS if D <= 128)
 
 
 def _missing_compiler_libraries() -> list:
@@ -113,6 +117,12 @@ def _assert_report(rows, stdout, ccs, partitions):
             got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma" and r["cc"] == cc}
+        want = {(D, name) for D in BWD_MMA_HEAD_DIMS for name in ("f16", "bf16")}
+        assert got == want, f"bwd_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma+window" and r["cc"] == cc}
+        want = {(D, "bf16") for D in BWD_MMA_WINDOW_HEAD_DIMS}
+        assert got == want, f"bwd_mma+window {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         for kernel in ("merge_pair", "merge_states"):
             got = {(r["D"], r["out"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, name) for D in HEAD_DIMS for name in BWD_DTYPES}
@@ -121,7 +131,8 @@ def _assert_report(rows, stdout, ccs, partitions):
     per_cc = (len(HEAD_DIMS) * (len(DTYPE_TRIPLES) * (len(partitions) + 2) + len(OUT_DTYPES))
               + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS)
               + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
-              + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS))
+              + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS)
+              + 2 * len(BWD_MMA_HEAD_DIMS) + len(BWD_MMA_WINDOW_HEAD_DIMS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

@@ -1,6 +1,6 @@
 """The tensor-core primitives of ``kernels/cuda/mma.py``, one warp at a time: cp.async (with its
 zero fill), ldmatrix x4 (plain and .trans), mma m16n8k16 for BF16 and F16, pack2 and the quad
-reductions. On a GPU these are the inline-PTX instructions; on the CUDA simulator their twins --
+reductions, and the two-element float32 atomic add. On a GPU these are the inline-PTX instructions; on the CUDA simulator their twins --
 the same fragment semantics, so the same probe kernel must give the same products."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if "cuda" in RUNTIMES:
     from numba import cuda, float32, uint16, uint32
 
     from paged_numba.kernels.cuda.mma import (cp_async16, cp_async_commit, cp_async_wait_all, ldsm_x4,
-                                              ldsm_x4_t, mma, pack2, quad_max, quad_sum)
+                                              ldsm_x4_t, mma, pack2, quad_max, quad_sum, red_add2)
 
 
 @functools.cache
@@ -109,3 +109,33 @@ def test_cuda_primitives(kind):
     np.testing.assert_array_equal(red[:, 0], np.repeat(v.max(axis=1), 4))
     np.testing.assert_array_equal(red[:, 1], np.repeat(lanes.reshape(8, 4).sum(axis=1), 4))
     np.testing.assert_array_equal(zero, 0)
+
+
+@functools.cache
+def _red_probe():
+    @cuda.jit
+    def probe(acc):
+        tid = cuda.threadIdx.x + cuda.blockIdx.x * cuda.blockDim.x
+        red_add2(acc, 2 * (tid % 4), float32(tid) * float32(0.5), float32(-tid))
+
+    return probe
+
+
+def test_cuda_red_add2():
+    """``red_add2`` from 3 blocks of 64 threads onto 4 pairs of slots: every pair gets each of its
+    threads' two values (sums exact in float32), nothing lands elsewhere (sm_90: one
+    red.global.add.v2.f32 per call)."""
+    from paged_numba.runtime import get_runtime
+
+    if not get_runtime("cuda").simulator and cuda.get_current_device().compute_capability < (9, 0):
+        pytest.skip("red.global.add.v2.f32 needs sm_90")
+    acc = cuda.to_device(np.full(10, 1.0, np.float32))
+    _red_probe()[3, 64](acc)
+    got = acc.copy_to_host()
+    tids = np.arange(192)
+    want = np.full(10, 1.0)
+    for p in range(4):
+        sel = tids[tids % 4 == p]
+        want[2 * p] += 0.5 * sel.sum()
+        want[2 * p + 1] -= sel.sum()
+    np.testing.assert_array_equal(got, want)

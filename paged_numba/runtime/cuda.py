@@ -109,11 +109,34 @@ def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: 
     return (8, 1, 64) if fp8 or window or mods else (4, 2, 32)
 
 
+def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True) -> tuple:
+    """(NW warps, BQ query rows per step, MAXREG register cap or 0) of the tensor-core backward
+    (``paged_backward_mma``) for head dim D (a multiple of 16, at most 128): a block owns 16 * NW
+    keys (16 per warp; dK / dV of D floats per thread stay in registers), the step's q / dout rows
+    are double buffered in dynamic shared memory (``paged_backward_mma.smem_bytes``). 8 warps over
+    128 keys (as FlashAttention-2 at D 64 / 128): each step's dQ atomics (BQ x D per block) and q /
+    dout copies serve 128 keys; BQ 64 up to D 64, 32 above. Uncapped, ptxas takes 255 registers
+    and spills a few bytes in some of these (D 80, D 64 with a window, D 128 without VRED); the
+    caps are ones the sm_90 (``vred``: vector reductions) / sm_80 check compiles without spills
+    (scripts/cuda_compile_check.py) -- ptxas is erratic this close to 255 (at D 64 a cap of 224
+    spills with VRED and 232 without, not the other way round).
+    Not yet tuned on a GPU: benchmarks/gpu_backward.py --bwd-tiles compares layouts. The simulator
+    runs 1 warp over 16-row steps (tests swap in others). (issue 11 item 5)"""
+    if sim:
+        return 1, 16, 0
+    if D <= 64:
+        return 8, 64, (232 if vred or window else 224)
+    return 8, 32, (200 if D <= 80 else 240)
+
+
 class CudaClient(Client):
     supports_score_mods = True    # cu_seqlens_q, window_left, softcap, alibi_slopes
     #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) on tensor cores; False:
     #: the SIMT tiled kernel (kept for F32, other head dims, FP8 q, and for comparisons).
     prefill_mma = True
+    #: F16 / BF16 backward (head dims multiples of 16 up to 128, no softcap / ALiBi) on tensor
+    #: cores; False: the SIMT kernels (issue 11 item 5).
+    backward_mma = True
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -153,16 +176,19 @@ class CudaClient(Client):
             delta = cuda.device_array(n_rows, np.float32)
             lse2 = cuda.device_array(n_rows, np.float32)
             delta_kernel(D, dt.code)[-(-n_rows // ET), ET](do2, o2, lse.reshape(n_rows), delta, lse2)
-            BQ, BK, TY = bwd_tiles(D, rt.simulator)
-            k3, v3 = k.reshape(N * bs, Hkv, D), v.reshape(N * bs, Hkv, D)
-            dk3, dv3 = dk.reshape(N * bs, Hkv, D), dv.reshape(N * bs, Hkv, D)
-            mods = self._mods(cfg)
-            args = (q2, do2, k3, v3, meta.table, meta.lens, meta.work, bs, H, sh, si, cfg.scale, cfg.causal,
-                    cfg.window_left, cfg.softcap, meta.slopes, delta, lse2)
-            if cfg.max_span:
-                dkdv_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * Hkv, -(-cfg.max_span // BK)), 8 * TY](
-                    *args, dk3, dv3)
-            dq_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * H, -(-cfg.Sq // BQ)), 8 * TY](*args, dq2)
+            if self._bwd_mma_ok(cfg, q2, do2, k, v):   # issue 11 item 5: the tensor-core backward
+                self._bwd_mma(cfg, meta, q2, do2, k, v, lse2, delta, dk, dv, dq2)
+            else:
+                BQ, BK, TY = bwd_tiles(D, rt.simulator)
+                k3, v3 = k.reshape(N * bs, Hkv, D), v.reshape(N * bs, Hkv, D)
+                dk3, dv3 = dk.reshape(N * bs, Hkv, D), dv.reshape(N * bs, Hkv, D)
+                mods = self._mods(cfg)
+                args = (q2, do2, k3, v3, meta.table, meta.lens, meta.work, bs, H, sh, si, cfg.scale, cfg.causal,
+                        cfg.window_left, cfg.softcap, meta.slopes, delta, lse2)
+                if cfg.max_span:
+                    dkdv_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * Hkv, -(-cfg.max_span // BK)), 8 * TY](
+                        *args, dk3, dv3)
+                dq_kernel(D, dt.code, BQ, BK, TY, **mods)[(B * H, -(-cfg.Sq // BQ)), 8 * TY](*args, dq2)
         if dt.code != F32 and n_pool:
             dk16 = cuda.device_array(n_pool, dt.storage)
             dv16 = cuda.device_array(n_pool, dt.storage)
@@ -172,6 +198,45 @@ class CudaClient(Client):
         elif dt.code != F32:
             dk, dv = (cuda.device_array(n_pool, dt.storage) for _ in range(2))
         return dq, dk.reshape(k.shape), dv.reshape(v.shape)
+
+    # ---- issue 11 item 5: the tensor-core backward (routing from run_bwd) ----
+    def _bwd_mma_ok(self, cfg, *arrays) -> bool:
+        """The tensor-core backward takes F16 / BF16, head dims that are multiples of 16 up to 128
+        (at 256 the dK / dV accumulators of a warp's 16 keys take 256 registers), no softcap / ALiBi
+        (the SIMT kernels), and 16-byte aligned q / dout / K / V (cp.async copies 16 bytes); ragged
+        batches and windows included."""
+        if not (self.backward_mma and cfg.q_dtype.code in (F16, BF16) and cfg.D % 16 == 0 and cfg.D <= 128):
+            return False
+        if cfg.softcap > 0.0 or cfg.alibi_slopes is not None:
+            return False
+        return self.runtime.simulator or all(x.device_ctypes_pointer.value % 16 == 0 for x in arrays)
+
+    def _bwd_mma(self, cfg, meta, q2, do2, k, v, lse2, delta, dk, dv, dq2):
+        """dK / dV (float32 pools ``dk`` / ``dv``, zeroed) and dQ (float32 atomics into a zeroed
+        buffer, then encoded into ``dq2``) in one tensor-core pass over key tiles."""
+        from ..kernels.cuda.paged_attention_bwd import encode_kernel, fill_kernel
+        from ..kernels.cuda.paged_backward_mma import dkdvq_kernel, smem_bytes
+
+        rt = self.runtime
+        _, bs, Hkv, D = cfg.kv_shape
+        _, sh, si = cfg.row_layout()
+        window = cfg.window_left >= 0
+        # sm_90: dQ / dK / dV pairs by one vector reduction (the simulator runs its twin: 2 atomics)
+        vred = rt.simulator or self._cuda.get_current_device().compute_capability >= (9, 0)
+        NW, BQ, MAXREG = mma_bwd_tiles(D, rt.simulator, window, vred)
+        n = q2.size
+        dqf = self._cuda.device_array(n, np.float32)
+        ET = 32 if rt.simulator else 256
+        EB = min(-(-n // ET), 8 * rt.sm_count)
+        fill_kernel()[EB, ET](dqf)
+        if cfg.max_span:
+            kern = dkdvq_kernel(D, cfg.q_dtype.code, NW, BQ, WINDOW=window, VRED=vred, MAXREG=MAXREG)
+            args = (q2.reshape(n), do2.reshape(n), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens,
+                    meta.work, cfg.H, sh, si, bs, Hkv, cfg.scale, cfg.causal, cfg.window_left, lse2, delta, dk, dv,
+                    dqf)
+            self._launch(kern, (cfg.B * Hkv, -(-cfg.max_span // (16 * NW))), 32 * NW, smem_bytes(D, NW, BQ), args)
+        encode_kernel(cfg.q_dtype.code)[EB, ET](dqf, dq2.reshape(n))
+    # ---- end of issue 11 item 5 ----
 
     @staticmethod
     def _mods(cfg) -> dict:

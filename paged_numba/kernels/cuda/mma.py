@@ -1,7 +1,7 @@
 """Tensor-core primitives for the CUDA kernels: ``mma.sync`` m16n8k16 (BF16 / F16 in, float32
 accumulators), ``ldmatrix`` (x4, and ``.trans``) from shared memory, ``cp.async`` 16-byte
-global -> shared copies with commit / wait groups, and the packing, quad-reduction and
-32-bit division helpers.
+global -> shared copies with commit / wait groups, the packing, quad-reduction and 32-bit
+division helpers, and a two-element float32 atomic add (``red.global.add.v2.f32``, sm_90).
 
 On a GPU each primitive is one PTX instruction emitted as llvmlite ``InlineAsm`` through numba's
 ``@intrinsic`` (no NVRTC-linked helper, so ``cache=True`` works). Inline PTX cannot run on the CUDA
@@ -130,6 +130,20 @@ if not SIM:
         return sig, codegen
 
     @intrinsic
+    def _red_add_v2(typingctx, arr, idx, x, y):
+        sig = types.void(arr, types.int64, types.float32, types.float32)
+
+        def codegen(context, builder, sg, args):
+            a_, i_, x_, y_ = args
+            ptr = _elem_ptr(context, builder, sg.args[0], a_, i_)
+            gptr = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, addrspace=1))
+            _asm(builder, ir.VoidType(), [builder.ptrtoint(gptr, _I64), x_, y_],
+                 "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f")   # no clobber: nothing here reads the sums
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
     def _cp_async_commit(typingctx):
         def codegen(context, builder, sg, args):
             _asm(builder, ir.VoidType(), [], "cp.async.commit_group;", "~{memory}")
@@ -219,6 +233,12 @@ if not SIM:
         """Start copying 16 bytes from src[si] (global) to dst[di] (shared); only the first
         ``nbytes`` (16 or 0) are read, the rest of the 16 bytes is zero-filled."""
         _cp_async16(dst, int64(di), src, int64(si), np.int32(nbytes))
+
+    @cuda.jit(device=True, inline=True)
+    def red_add2(arr, i, x, y):
+        """arr[i] += x and arr[i + 1] += y (float32, global memory, i even: 8-byte aligned) as one
+        vector reduction, ``red.global.add.v2.f32`` (sm_90 and later)."""
+        _red_add_v2(arr, int64(i), float32(x), float32(y))
 
     @cuda.jit(device=True, inline=True)
     def cp_async_commit():
@@ -322,6 +342,11 @@ else:
     @cuda.jit(device=True)
     def cp_async_commit():
         pass
+
+    @cuda.jit(device=True)
+    def red_add2(arr, i, x, y):
+        cuda.atomic.add(arr, i, x)
+        cuda.atomic.add(arr, i + 1, y)
 
     @cuda.jit(device=True)
     def exp2_approx(x):
