@@ -627,7 +627,7 @@ def main(argv=None) -> int:
     if args.mma_tiles:
         from paged_numba.runtime import cuda as cuda_rt
         tiles = tuple(int(x) for x in args.mma_tiles.split(","))
-        cuda_rt.mma_tiles = lambda D, sim, fp8=False, window=False: tiles
+        cuda_rt.plan.mma_tiles = lambda D, sim, fp8=False, window=False: tiles
         log(f"tensor-core prefill tiles (NW, MT, BK) = {tiles} for every head dim")
     bench = Bench(args, pn, rt, torch)
     if args.sim_smoke:

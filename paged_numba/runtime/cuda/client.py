@@ -1,110 +1,16 @@
-"""The ``cuda`` runtime: storage is numba device arrays; ops run as ``numba.cuda`` kernels.
+"""CudaClient: the ops of the ``cuda`` runtime -- config (or plan) -> scratch -> kernel launches.
 
-This is the only module that imports ``numba.cuda``. Under ``NUMBA_ENABLE_CUDASIM=1`` the runtime
-runs on numba's CUDA simulator (correctness at tiny shapes, no GPU needed).
+Launch geometry comes from ``plan.py`` (pure Python), device scratch from ``scratch.py``; this module
+only picks kernels, packs their arguments and launches them.
 """
 from __future__ import annotations
 
-import collections
-import threading
-
 import numpy as np
 
-from ..errors import RuntimeUnavailableError
-from ..dtypes import BF16, F16, F32
-from .base import Client, Device, Runtime
-
-_FIX = ("install the NVIDIA driver and the CUDA toolkit wheels (pip install 'paged-numba[cuda13]' or "
-        "'[cuda12]'), or set NUMBA_ENABLE_CUDASIM=1 for the simulator, or use runtime='cpu'")
-
-_DECODE_NT = 128     # threads per decode block on a GPU
-_DECODE_R = 4        # most query rows per decode block
-_DECODE_EPL = 8      # most elements of a token row per lane (sets the lanes per row)
-_DECODE_TILE_BYTES = 8192  # bytes of K (and as many of V) per shared-memory tile of a decode block
-_DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in registers)
-_DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
-_SCRATCH_KEEP = 8    # scratch buffers kept per thread (metadata per (B, M), split-K partials per shape)
-_DECODE_MAX_SQ = 4   # more queries per sequence: the tiled kernel (= ops.config.DECODE_MAX_Q, the work list's cut)
-_STATIC_SMEM = 48 * 1024  # dynamic shared memory above this needs the kernel's opt-in attribute
-
-
-_Meta = collections.namedtuple("_Meta", "table lens work slopes flag")
-
-
-def _import_cuda():
-    try:
-        import numba
-        from numba import cuda
-    except Exception as exc:  # a missing libcudart surfaces as DynamicLibNotFoundError
-        raise RuntimeUnavailableError(f"numba.cuda cannot be imported ({exc}); {_FIX}") from None
-    return numba, cuda
-
-
-def _word_dtype(row_bytes: int):
-    for dt in (np.uint64, np.uint32, np.uint16, np.uint8):
-        if row_bytes % np.dtype(dt).itemsize == 0:
-            return np.dtype(dt)
-
-
-def _tpg(D: int, W: int, sim: bool, epl: int) -> int:
-    """Lanes per token row: the fewest (a power of two dividing the warp, at most W) that leave each
-    lane at most ``epl`` elements of a row (more would spill registers), or the most there are."""
-    if sim:
-        return 1
-    E = D // W                      # elements per word
-    cap = 1
-    while cap * 2 <= min(32, W):
-        cap *= 2
-    t = 1
-    while t < cap and -(-W // t) * E > epl:
-        t *= 2
-    return t
-
-
-def _pow2_at_most(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
-def _decode_rows(rows: int) -> int:
-    """Query rows per decode block: the G * Sq rows of a (sequence, KV head) rounded up to a power of
-    two, at most ``_DECODE_R``."""
-    return min(_DECODE_R, _pow2_at_most(2 * rows - 1))
-
-
-def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, sim: bool) -> dict:
-    """The decode kernel's geometry for head dim D, K/V elements of ``kv_bytes``, rows read as words
-    of ``word_bytes``, ``rows`` = G * Sq query rows per (sequence, KV head) and partitions of PT
-    tokens: TX lanes per token row, NT threads, R rows per block (the GQA group, up to
-    ``_DECODE_R``), TT tokens per tile (about ``_DECODE_TILE_BYTES`` of K, at most PT and
-    ``_DECODE_TPS`` tokens per token slot, a multiple of the NT / TX slots). The figures are the
-    fastest of the H200 sweeps in benchmarks/results/gpu_decode_sweep.md."""
-    W = D * kv_bytes // word_bytes
-    TX = _tpg(D, W, sim, _DECODE_EPL)
-    NT = 32 if sim else _DECODE_NT
-    R = _decode_rows(rows)
-    NZ = NT // TX
-    # Static shared memory (48 KiB at most): slot list 8 * PT, K and V tiles, the warps' partial
-    # results 4 * (NT / 32) * R * (D + 2).
-    room = 48 * 1024 - 8 * PT - 4 * max(1, NT // 32) * R * (D + 2)
-    tile = min(_DECODE_TILE_BYTES, room // 2)
-    TT = max(NZ, min(PT, _DECODE_TPS * NZ, _pow2_at_most(tile // (D * kv_bytes))))
-    return dict(TX=TX, NT=NT, R=R, TT=TT)
-
-
-def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False) -> tuple:
-    """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
-    for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
-    (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
-    shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
-    fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; with FP8 K/V (whose
-    decode pass needs registers of its own) or a sliding window (per-row lower bounds) 8 warps of
-    16 rows over 64-key tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
-    registers). The simulator runs 1 warp of 2 m-tiles over 16-key tiles (tests swap in others)."""
-    if sim:
-        return 1, 2, 16
-    if D > 128:
-        return 4, 1, 32
-    return (8, 1, 64) if fp8 or window else (4, 2, 32)
+from ...dtypes import BF16, F16, F32
+from ..base import Client
+from . import plan as _plan
+from .scratch import Scratch
 
 
 class CudaClient(Client):
@@ -116,7 +22,7 @@ class CudaClient(Client):
     def __init__(self, runtime):
         self.runtime = runtime
         self._cuda = runtime._cuda
-        self._local = threading.local()
+        self._scratch = Scratch(runtime._cuda)
         self._smem_opt_in = {}     # id(dispatcher) -> its overloads when the last one opted in
 
     def run_fwd(self, cfg, q, k, v):
@@ -126,7 +32,7 @@ class CudaClient(Client):
         return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse):
-        from ..kernels.cuda.paged_attention_bwd import (bwd_tiles, delta_kernel, dkdv_kernel, dq_kernel,
+        from ...kernels.cuda.paged_attention_bwd import (bwd_tiles, delta_kernel, dkdv_kernel, dq_kernel,
                                                        encode_kernel, fill_kernel)
 
         cuda = self._cuda
@@ -138,7 +44,7 @@ class CudaClient(Client):
         n_pool = N * bs * Hkv * D
         dk = cuda.device_array(n_pool, np.float32)
         dv = cuda.device_array(n_pool, np.float32)
-        ET = 32 if rt.simulator else 256      # threads of the element-wise, grid-stride kernels
+        ET = _plan.elementwise_threads(rt.simulator)   # threads of the element-wise, grid-stride kernels
         EB = min(-(-n_pool // ET), 8 * rt.sm_count)
         if n_pool:
             fill_kernel()[EB, ET](dk)
@@ -177,7 +83,7 @@ class CudaClient(Client):
         return dict(SOFTCAP=cfg.softcap > 0.0, ALIBI=cfg.alibi_slopes is not None)
 
     def _forward(self, cfg, q, k, v, qk_scale, out_scale):
-        """The work list routes each sequence: up to ``_DECODE_MAX_SQ`` queries to the split-K decode
+        """The work list routes each sequence: up to ``plan.DECODE_MAX_SQ`` queries to the split-K decode
         kernel, more to the tiled kernel -- a mixed (ragged) batch runs both, each on its own
         sequences, writing disjoint rows of one output."""
         cuda = self._cuda
@@ -204,10 +110,10 @@ class CudaClient(Client):
         modifier."""
         if self._mma_prefill_ok(cfg, q2, k, v):
             return self._tiled_mma(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
-        from ..kernels.cuda.paged_attention import tile_shape, tiled_kernel
+        from ...kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
         D, kd = cfg.D, cfg.kv_dtype
-        wdt = _word_dtype(D * kd.itemsize)
+        wdt = _plan.word_dtype(D * kd.itemsize)
         _, sh, si = cfg.row_layout()
         sq = int(cfg.q_lens[cfg.tiled_seqs].max())
         BQ, BK, NTT = tile_shape(D, self.runtime.simulator)
@@ -222,22 +128,22 @@ class CudaClient(Client):
     def _decode(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
         """The split-K decode kernel (and its merge) over ``cfg.decode_seqs``; partitions cover each
         sequence's keys from the first one its window lets a query see."""
-        from ..kernels.cuda.paged_decode import decode_kernel, merge_kernel
+        from ...kernels.cuda.paged_decode import decode_kernel, merge_kernel
 
         cuda = self._cuda
         rt = self.runtime
         D, kd = cfg.D, cfg.kv_dtype
-        wdt = _word_dtype(D * kd.itemsize)
+        wdt = _plan.word_dtype(D * kd.itemsize)
         bs, Hkv = cfg.kv_shape[1:3]
         _, sh, si = cfg.row_layout()
         seqs = cfg.decode_seqs
         sq = int(cfg.q_lens[seqs].max())
         span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
         rows = cfg.G * sq
-        rows_blocks = seqs.size * Hkv * -(-rows // _decode_rows(rows))
+        rows_blocks = seqs.size * Hkv * -(-rows // _plan.decode_rows(rows))
         PT = self._partition(span, rows_blocks)
         n_parts = max(1, -(-span // PT))
-        geo = decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
+        geo = _plan.decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
         NT = geo["NT"]
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo,
                              **self._mods(cfg))
@@ -253,19 +159,19 @@ class CudaClient(Client):
                                          qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                                          meta.slopes, out2, lse1, po, pml, meta.flag)
         if n_parts > 1:
-            MT = 32 if rt.simulator else min(128, 32 * -(-D // 32))
+            MT = _plan.merge_threads(D, rt.simulator)
             merge_kernel(D, cfg.q_dtype.code, MT)[seqs.size * cfg.H * sq, MT](po, pml, meta.work, sh, si,
                                                                                out_scale, out2, lse1)
 
     def _tiled_mma(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
-        from ..kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
+        from ...kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
 
         D, kd = cfg.D, cfg.kv_dtype
         bs, Hkv = cfg.kv_shape[1:3]
         _, sh, si = cfg.row_layout()
         sq = int(cfg.q_lens[cfg.tiled_seqs].max())
         window = cfg.window_left >= 0
-        NW, MT, BK = mma_tiles(D, self.runtime.simulator, kd.is_fp8, window)
+        NW, MT, BK = _plan.mma_tiles(D, self.runtime.simulator, kd.is_fp8, window)
         kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window)
         args = (q2.reshape(q2.size), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
@@ -292,7 +198,7 @@ class CudaClient(Client):
         kernel must opt in first (numba has no API for the attribute: it is set through the
         driver, once per compiled kernel; the argument types are looked up only while a
         dispatcher has kernels that have not opted in)."""
-        if smem > _STATIC_SMEM and not self.runtime.simulator and \
+        if smem > _plan.STATIC_SMEM and not self.runtime.simulator and \
                 self._smem_opt_in.get(id(kern)) != len(kern.overloads):
             from numba.cuda.cudadrv.driver import binding, driver
 
@@ -306,50 +212,10 @@ class CudaClient(Client):
         kern[grid, block, 0, smem](*args)
 
     def _metadata(self, cfg):
-        """The call's metadata on the device -- table [B, M], seq_lens [B], work [4, B] (first q row,
-        q_len, decode list, tiled list), ALiBi slopes [H] (float32) and the finiteness flag [1] --
-        uploaded in one synchronous copy from pinned memory into buffers kept per (B, M, H): the copy
-        is ordered after any earlier kernel that still reads them, and numba's array slicing and
-        allocation cost more host time than the kernels of a decode step."""
-        B, M = cfg.block_table.shape
-        H = cfg.H
-        host, meta, dev = self._cached(("meta", B, M, H), lambda: self._new_metadata(B, M, H))
-        host[:B * M] = cfg.block_table.reshape(-1)
-        host[B * M:B * M + B] = cfg.seq_lens
-        w = host[B * M + B:B * M + 5 * B].reshape(4, B)
-        w[0] = cfg.row_layout()[0]
-        w[1] = cfg.q_lens
-        w[2:] = 0
-        w[2, :cfg.decode_seqs.size] = cfg.decode_seqs
-        w[3, :cfg.tiled_seqs.size] = cfg.tiled_seqs
-        sl = host[B * M + 5 * B:B * M + 5 * B + H].view(np.float32)
-        sl[:] = 0.0 if cfg.alibi_slopes is None else cfg.alibi_slopes
-        host[-1] = 0
-        dev.copy_to_device(host)
-        return meta
-
-    def _new_metadata(self, B, M, H):
-        cuda = self._cuda
-        n = B * M + 5 * B + max(H, 1) + 1
-        host = cuda.pinned_array(n, np.int32)
-        dev = cuda.device_array(n, np.int32)
-        o = B * M
-        meta = _Meta(table=dev[:o].reshape(B, M), lens=dev[o:o + B], work=dev[o + B:o + 5 * B].reshape(4, B),
-                     slopes=dev[o + 5 * B:o + 5 * B + max(H, 1)].view(np.float32), flag=dev[n - 1:])
-        return host, meta, dev
+        return self._scratch.metadata(cfg)
 
     def _cached(self, key, make):
-        """Per-thread scratch kept across calls (the few most recent keys)."""
-        cache = getattr(self._local, "cache", None)
-        if cache is None:
-            cache = self._local.cache = collections.OrderedDict()
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        val = cache[key] = make()
-        if len(cache) > _SCRATCH_KEEP:
-            cache.popitem(last=False)
-        return val
+        return self._scratch.cached(key, make)
 
     @staticmethod
     def _check(flag, cfg):
@@ -358,18 +224,11 @@ class CudaClient(Client):
                              f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
 
     def _partition(self, max_len: int, row_blocks: int) -> int:
-        """Tokens per split-K partition: the longest (up to ``_DECODE_MAX_PT``, down to 64) that still
-        gives every SM a thread block -- long partitions amortize each block's set-up and the merge;
-        the simulator uses 16."""
-        if self.runtime.simulator:
-            return 16
-        pt = _DECODE_MAX_PT
-        while pt > 64 and row_blocks * -(-max_len // pt) < self.runtime.sm_count:
-            pt //= 2
-        return pt
+        """Tokens per split-K partition (``plan.partition``)."""
+        return _plan.partition(max_len, row_blocks, self.runtime.sm_count, self.runtime.simulator)
 
     def run_merge_state(self, cfg, v_a, s_a, v_b, s_b):
-        from ..kernels.cuda.merge_state import pair_kernel
+        from ...kernels.cuda.merge_state import pair_kernel
 
         cuda = self._cuda
         D = cfg.v_shape[-1]
@@ -377,79 +236,28 @@ class CudaClient(Client):
         out = cuda.device_array(cfg.out_shape, cfg.dtype.storage)
         lse = cuda.device_array(cfg.lse_shape, np.float32)
         if R:
-            NT = 32 if self.runtime.simulator else min(128, 32 * -(-D // 32))
+            NT = _plan.merge_threads(D, self.runtime.simulator)
             pair_kernel(D, cfg.dtype.code, NT)[R, NT](v_a.reshape(R, D), s_a.reshape(R), v_b.reshape(R, D),
                                                       s_b.reshape(R), out.reshape(R, D), lse.reshape(R))
         return out, lse
 
     def run_merge_states(self, cfg, v, s):
-        from ..kernels.cuda.merge_state import states_kernel
+        from ...kernels.cuda.merge_state import states_kernel
 
         cuda = self._cuda
         T, K, H, D = cfg.v_shape
         out = cuda.device_array(cfg.out_shape, cfg.dtype.storage)
         lse = cuda.device_array(cfg.lse_shape, np.float32)
         if T * H:
-            NT = 32 if self.runtime.simulator else min(128, 32 * -(-D // 32))
+            NT = _plan.merge_threads(D, self.runtime.simulator)
             states_kernel(D, cfg.dtype.code, NT)[T * H, NT](v, s, out, lse)
         return out, lse
 
     def run_write_kv(self, cfg, k_pool, v_pool, k, v):
-        from ..kernels.cuda.write_kv import write_kv_kernel
+        from ...kernels.cuda.write_kv import write_kv_kernel
 
         n = cfg.T * cfg.Hkv * cfg.D
-        NT = 32 if self.runtime.simulator else 256
+        NT = _plan.elementwise_threads(self.runtime.simulator)
         slots = self._cuda.to_device(cfg.slots)
         kern = write_kv_kernel(cfg.pool_dtype.code, cfg.src_dtype.code)
         kern[-(-n // NT), NT](k_pool, v_pool, k, v, slots, np.float32(cfg.k_scale), np.float32(cfg.v_scale))
-
-
-class CudaRuntime(Runtime):
-    name = "cuda"
-
-    def __init__(self):
-        numba, cuda = _import_cuda()
-        self._cuda = cuda
-        self.simulator = bool(numba.config.ENABLE_CUDASIM)
-        if not self.simulator:
-            try:
-                ok = cuda.is_available()
-            except Exception as exc:  # pragma: no cover - driver trouble
-                raise RuntimeUnavailableError(f"the CUDA driver failed to start ({exc}); {_FIX}") from None
-            if not ok:
-                raise RuntimeUnavailableError(f"no usable CUDA GPU or driver was found; {_FIX}")
-        if self.simulator:
-            self.sm_count = 1
-            self.device = Device("cuda", 0, "numba CUDA simulator")
-        else:
-            dev = cuda.get_current_device()
-            name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-            cc = dev.compute_capability
-            self.sm_count = int(dev.MULTIPROCESSOR_COUNT)
-            self.device = Device("cuda", int(dev.id), f"{name}, sm_{cc[0]}{cc[1]}, {self.sm_count} SMs")
-        self.client = CudaClient(self)
-
-    def synchronize(self):
-        self._cuda.synchronize()
-
-    def from_host(self, arr):
-        arr = np.ascontiguousarray(arr)
-        canonical = tuple(int(np.prod(arr.shape[i + 1:])) * arr.itemsize for i in range(arr.ndim))
-        if arr.strides != canonical:  # e.g. a size-1 axis with stride 0 from x[:, None]
-            arr = arr.copy(order="C")
-        return self._cuda.to_device(arr)
-
-    def to_host(self, storage):
-        return storage.copy_to_host()
-
-    def from_external(self, obj):
-        if self.simulator:
-            raise TypeError("data: the CUDA simulator cannot take __cuda_array_interface__ objects; pass a "
-                            "NumPy array")
-        arr = self._cuda.as_cuda_array(obj)
-        if not arr.is_c_contiguous():
-            raise ValueError("data: expected a C-contiguous device array (call .contiguous() first)")
-        return arr, arr.dtype
-
-    def is_native(self, obj):
-        return self._cuda.is_cuda_array(obj) if not self.simulator else hasattr(obj, "copy_to_host")

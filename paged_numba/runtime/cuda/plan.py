@@ -1,0 +1,109 @@
+"""Launch geometry of the CUDA kernels, in pure Python (imports neither numba nor numba.cuda).
+
+Everything the client needs to pick a grid, a block and a kernel specialization lives here: decode
+geometry, split-K partitions, tensor-core prefill tiles, merge threads, word widths. The compile
+check (``scripts/cuda_compile_check.py``) and the sweep scripts enumerate the same functions, so
+what they compile and time is what the client launches.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DECODE_NT = 128     # threads per decode block on a GPU
+DECODE_R = 4        # most query rows per decode block
+DECODE_EPL = 8      # most elements of a token row per lane (sets the lanes per row)
+DECODE_TILE_BYTES = 8192  # bytes of K (and as many of V) per shared-memory tile of a decode block
+DECODE_TPS = 4      # most tokens of a tile per token slot (R scores each, in registers)
+DECODE_MAX_PT = 2048  # longest split-K partition (its slot list lives in shared memory)
+DECODE_MAX_SQ = 4   # more queries per sequence: the tiled kernel (= ops.config.DECODE_MAX_Q, the work list's cut)
+STATIC_SMEM = 48 * 1024  # dynamic shared memory above this needs the kernel's opt-in attribute
+
+
+def word_dtype(row_bytes: int):
+    """The widest unsigned word (8, 4, 2, 1 bytes) that divides a K/V row of ``row_bytes``."""
+    for dt in (np.uint64, np.uint32, np.uint16, np.uint8):
+        if row_bytes % np.dtype(dt).itemsize == 0:
+            return np.dtype(dt)
+
+
+def lanes_per_row(D: int, W: int, sim: bool, epl: int) -> int:
+    """Lanes per token row: the fewest (a power of two dividing the warp, at most W) that leave each
+    lane at most ``epl`` elements of a row (more would spill registers), or the most there are."""
+    if sim:
+        return 1
+    E = D // W                      # elements per word
+    cap = 1
+    while cap * 2 <= min(32, W):
+        cap *= 2
+    t = 1
+    while t < cap and -(-W // t) * E > epl:
+        t *= 2
+    return t
+
+
+def pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def decode_rows(rows: int) -> int:
+    """Query rows per decode block: the G * Sq rows of a (sequence, KV head) rounded up to a power of
+    two, at most ``DECODE_R``."""
+    return min(DECODE_R, pow2_at_most(2 * rows - 1))
+
+
+def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, sim: bool) -> dict:
+    """The decode kernel's geometry for head dim D, K/V elements of ``kv_bytes``, rows read as words
+    of ``word_bytes``, ``rows`` = G * Sq query rows per (sequence, KV head) and partitions of PT
+    tokens: TX lanes per token row, NT threads, R rows per block (the GQA group, up to
+    ``DECODE_R``), TT tokens per tile (about ``DECODE_TILE_BYTES`` of K, at most PT and
+    ``DECODE_TPS`` tokens per token slot, a multiple of the NT / TX slots). The figures are the
+    fastest of the H200 sweeps in benchmarks/results/gpu_decode_sweep.md."""
+    W = D * kv_bytes // word_bytes
+    TX = lanes_per_row(D, W, sim, DECODE_EPL)
+    NT = 32 if sim else DECODE_NT
+    R = decode_rows(rows)
+    NZ = NT // TX
+    # Static shared memory (48 KiB at most): slot list 8 * PT, K and V tiles, the warps' partial
+    # results 4 * (NT / 32) * R * (D + 2).
+    room = 48 * 1024 - 8 * PT - 4 * max(1, NT // 32) * R * (D + 2)
+    tile = min(DECODE_TILE_BYTES, room // 2)
+    TT = max(NZ, min(PT, DECODE_TPS * NZ, pow2_at_most(tile // (D * kv_bytes))))
+    return dict(TX=TX, NT=NT, R=R, TT=TT)
+
+
+def partition(max_len: int, row_blocks: int, sm_count: int, sim: bool) -> int:
+    """Tokens per split-K partition: the longest (up to ``DECODE_MAX_PT``, down to 64) that still
+    gives every SM a thread block -- long partitions amortize each block's set-up and the merge;
+    the simulator uses 16."""
+    if sim:
+        return 16
+    pt = DECODE_MAX_PT
+    while pt > 64 and row_blocks * -(-max_len // pt) < sm_count:
+        pt //= 2
+    return pt
+
+
+def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False) -> tuple:
+    """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
+    for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
+    (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
+    shared memory feeds two mma) over 32-key tiles, 255 registers and no spills at D 128 -- the
+    fastest of the H200 sweep in benchmarks/results/gpu_prefill_sweep.md; with FP8 K/V (whose
+    decode pass needs registers of its own) or a sliding window (per-row lower bounds) 8 warps of
+    16 rows over 64-key tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O accumulators take 128
+    registers). The simulator runs 1 warp of 2 m-tiles over 16-key tiles (tests swap in others)."""
+    if sim:
+        return 1, 2, 16
+    if D > 128:
+        return 4, 1, 32
+    return (8, 1, 64) if fp8 or window else (4, 2, 32)
+
+
+def merge_threads(D: int, sim: bool) -> int:
+    """Threads per block of the split-K merge and of the merge_state kernels."""
+    return 32 if sim else min(128, 32 * -(-D // 32))
+
+
+def elementwise_threads(sim: bool) -> int:
+    """Threads per block of the element-wise, grid-stride kernels (fills, encodes, write_kv)."""
+    return 32 if sim else 256
