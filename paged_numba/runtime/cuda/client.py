@@ -10,7 +10,8 @@ import numpy as np
 from ...dtypes import BF16, F16, F32
 from ..base import Client
 from . import plan as _plan
-from .scratch import Scratch
+from .launch import Graph, Launch, PreparedLaunch, as_stream, device_ptr
+from .scratch import PlanState, Scratch, fill_metadata
 
 
 class CudaClient(Client):
@@ -18,6 +19,10 @@ class CudaClient(Client):
     #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) on tensor cores; False:
     #: the SIMT tiled kernel (kept for F32, other head dims, FP8 q, and for comparisons).
     prefill_mma = True
+    #: A plan's second and later runs launch through cuLaunchKernel with argument buffers packed
+    #: once (``launch.PreparedLaunch``); False: every launch goes through numba's dispatcher.
+    prepared_launch = True
+    supports_plans = True         # run_* take out= / lse= and a plan's state (prepare_plan)
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -25,13 +30,51 @@ class CudaClient(Client):
         self._scratch = Scratch(runtime._cuda)
         self._smem_opt_in = {}     # id(dispatcher) -> its overloads when the last one opted in
 
-    def run_fwd(self, cfg, q, k, v):
-        return self._forward(cfg, q, k, v, cfg.scale, 1.0)
+    def run_fwd(self, cfg, q, k, v, *, out=None, lse=None, state=None):
+        return self._forward(cfg, q, k, v, cfg.scale, 1.0, out, lse, state)
 
-    def run_fwd_fp8(self, cfg, q, k, v):
-        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
+    def run_fwd_fp8(self, cfg, q, k, v, *, out=None, lse=None, state=None):
+        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale,
+                             out, lse, state)
 
-    def run_bwd(self, cfg, dout, q, k, v, out, lse):
+    # ------------------------------------------------------------------------------ plans
+
+    def prepare_plan(self, cfg, *, stream=None, own=True, check_finite=False) -> PlanState:
+        """A plan's device state: its stream, its metadata uploaded (own: into buffers of its own,
+        asynchronously from pinned memory on the stream; else: the per-thread scratch, synchronously),
+        its split-K scratch and prepared launches."""
+        cuda = self._cuda
+        s = as_stream(cuda, stream, self.runtime.simulator)
+        if own:
+            B, M = cfg.block_table.shape
+            host, meta, dev = self._scratch.new_metadata(B, M, cfg.H)
+            fill_metadata(host, cfg)
+            dev.copy_to_device(host, stream=s)
+            return PlanState(s, meta, host=host, own=True, check_finite=check_finite)
+        return PlanState(s, self._metadata(cfg), scratch=self._scratch, check_finite=check_finite)
+
+    def check_plan(self, state, cfg) -> None:
+        """Read the plan's non-finite-score flag (waits for its stream); raise and clear it when set."""
+        flag = state.meta.flag
+        seen = flag.copy_to_host(stream=state.stream)
+        state.stream.synchronize()
+        if seen[0]:
+            flag.copy_to_device(np.zeros(1, np.int32), stream=state.stream)
+            raise ValueError(f"scale: some attention scores are not finite: scale * q . k overflows float32 "
+                             f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
+
+    def synchronize_plan(self, state) -> None:
+        state.stream.synchronize()
+
+    def begin_capture(self, state) -> Graph:
+        if self.runtime.simulator:
+            raise NotImplementedError("plan.capture: the CUDA simulator has no CUDA graphs (run on a GPU)")
+        if not state.cu_stream:
+            raise RuntimeError("plan.capture: the default stream cannot be captured; plan on a stream of its own "
+                               "(pn.plan_attention(..., stream=numba.cuda.stream()))")
+        return Graph(state.stream, state.cu_stream)
+
+    def run_bwd(self, cfg, dout, q, k, v, out, lse, *, state=None):
         from ...kernels.cuda.paged_attention_bwd import (bwd_tiles, delta_kernel, dkdv_kernel, dq_kernel,
                                                        encode_kernel, fill_kernel)
 
@@ -51,7 +94,9 @@ class CudaClient(Client):
             fill_kernel()[EB, ET](dv)
         n_rows = int(np.prod(cfg.lse_shape))
         if dq.size:
-            meta = self._metadata(cfg)
+            if state is not None:       # the backward launches on the default stream (not yet the plan's)
+                state.stream.synchronize()
+            meta = state.meta if state is not None else self._metadata(cfg)
             _, sh, si = cfg.row_layout()
             q2, do2, o2, dq2 = (x.reshape(n_rows, D) for x in (q, dout, out, dq))
             delta = cuda.device_array(n_rows, np.float32)
@@ -82,36 +127,60 @@ class CudaClient(Client):
         """The kernels' compile-time score-modifier flags."""
         return dict(SOFTCAP=cfg.softcap > 0.0, ALIBI=cfg.alibi_slopes is not None)
 
-    def _forward(self, cfg, q, k, v, qk_scale, out_scale):
+    def _forward(self, cfg, q, k, v, qk_scale, out_scale, out=None, lse=None, state=None):
         """The work list routes each sequence: up to ``plan.DECODE_MAX_SQ`` queries to the split-K decode
         kernel, more to the tiled kernel -- a mixed (ragged) batch runs both, each on its own
-        sequences, writing disjoint rows of one output."""
+        sequences, writing disjoint rows of one output. With a plan's ``state`` the metadata is
+        the plan's, everything goes to its stream, nothing waits for the device (unless
+        ``check_finite``), and from the second run of a kind on the launches are prepared ones."""
         cuda = self._cuda
-        out = cuda.device_array(cfg.q_shape, cfg.q_dtype.storage)
-        lse = cuda.device_array(cfg.lse_shape, np.float32)
+        st = state if state is not None else self.prepare_plan(cfg, own=False)
+        s = st.stream
+        if out is None:
+            out = cuda.device_array(cfg.q_shape, cfg.q_dtype.storage, stream=s)
+        if lse is None:
+            lse = cuda.device_array(cfg.lse_shape, np.float32, stream=s)
         if out.size == 0:
             if lse.size:
-                lse = cuda.to_device(np.full(cfg.lse_shape, -np.inf, np.float32))
+                lse.copy_to_device(np.full(cfg.lse_shape, -np.inf, np.float32), stream=s)
             return out, lse
-        meta = self._metadata(cfg)
+        mma = bool(cfg.tiled_seqs.size) and self._mma_prefill_ok(cfg, q, k, v)
+        key = (cfg.q_dtype.code, cfg.kv_dtype.code, float(qk_scale), float(out_scale), mma)
+        prepared = st.prepared.get(key)
+        if prepared is not None:
+            arrays = {n: (device_ptr(x), x.size * x.dtype.itemsize)
+                      for n, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))}
+            for launch in prepared:
+                launch(st.cu_stream, arrays)
+        else:
+            launches = self._forward_launches(cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma)
+            for launch in launches:
+                self._launch(launch, s)
+            if st.own and self.prepared_launch and not self.runtime.simulator:
+                st.prepared[key] = [PreparedLaunch(launch) for launch in launches]
+        if state is None or st.check_finite:
+            self.check_plan(st, cfg)
+        return out, lse
+
+    def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma) -> list:
+        """The forward's launches (``launch.Launch`` records) for the plan state ``st``."""
         n_rows = lse.size
         out2, lse1 = out.reshape(n_rows, cfg.D), lse.reshape(n_rows)
         q2 = q.reshape(n_rows, cfg.D)
+        launches = []
         if cfg.tiled_seqs.size:
-            self._tiled(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
+            tiled = self._tiled_mma if mma else self._tiled
+            launches += tiled(cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1)
         if cfg.decode_seqs.size:
-            self._decode(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
-        self._check(meta.flag, cfg)
-        return out, lse
+            launches += self._decode(cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1)
+        return launches
 
-    def _tiled(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
-        """The tiled (prefill) kernels over ``cfg.tiled_seqs``: on tensor cores when
-        ``_mma_prefill_ok``, else the SIMT kernel; both handle every layout, mask and score
-        modifier."""
-        if self._mma_prefill_ok(cfg, q2, k, v):
-            return self._tiled_mma(cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1)
+    def _tiled(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
+        """The SIMT tiled (prefill) kernel over ``cfg.tiled_seqs`` (every layout, mask and score
+        modifier); ``_tiled_mma`` is its tensor-core twin."""
         from ...kernels.cuda.paged_attention import tile_shape, tiled_kernel
 
+        meta = st.meta
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _plan.word_dtype(D * kd.itemsize)
         _, sh, si = cfg.row_layout()
@@ -121,17 +190,21 @@ class CudaClient(Client):
         vw = v.reshape(cfg.kv_shape).view(wdt)
         kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT,
                             **self._mods(cfg))
-        kern[(cfg.tiled_seqs.size * cfg.H, -(-sq // BQ)), NTT](
-            q2, kw, vw, meta.table, meta.lens, meta.work, cfg.H, sh, si, qk_scale, out_scale, cfg.causal,
-            cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, meta.flag)
+        args = (q2, kw, vw, meta.table, meta.lens, meta.work, cfg.H, sh, si, qk_scale, out_scale, cfg.causal,
+                cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, meta.flag)
+        words = (cfg.bs, cfg.Hkv, D * kd.itemsize // wdt.itemsize)
+        roles = {0: ("q", (D,), q2.dtype.itemsize), 1: ("k", words, wdt.itemsize), 2: ("v", words, wdt.itemsize),
+                 15: ("out", (D,), out2.dtype.itemsize), 16: ("lse", (), 4)}
+        return [Launch(kern, (cfg.tiled_seqs.size * cfg.H, -(-sq // BQ)), NTT, 0, args, roles)]
 
-    def _decode(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
+    def _decode(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
         """The split-K decode kernel (and its merge) over ``cfg.decode_seqs``; partitions cover each
         sequence's keys from the first one its window lets a query see."""
         from ...kernels.cuda.paged_decode import decode_kernel, merge_kernel
 
         cuda = self._cuda
         rt = self.runtime
+        meta = st.meta
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _plan.word_dtype(D * kd.itemsize)
         bs, Hkv = cfg.kv_shape[1:3]
@@ -150,22 +223,29 @@ class CudaClient(Client):
         kr = k.reshape(k.size).view(wdt)    # flat word arrays
         vr = v.reshape(v.size).view(wdt)
         shape = (seqs.size, cfg.H, sq, n_parts)
+        s = st.stream
         if n_parts == 1:   # the kernel writes out / lse itself; po / pml only carry the shape
-            po, pml = self._cached(("dummy", sq), lambda: (cuda.device_array((1, 1, sq, 1, 1), np.float32),) * 2)
+            po, pml = st.cached(("dummy", sq), lambda: (cuda.device_array((1, 1, sq, 1, 1), np.float32,
+                                                                          stream=s),) * 2)
         else:
-            po, pml = self._cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32),
-                                                                 cuda.device_array((*shape, 2), np.float32)))
-        kern[(rows_blocks, n_parts), NT](q2, kr, vr, meta.table, meta.lens, meta.work, bs, Hkv, cfg.H, sh, si,
-                                         qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
-                                         meta.slopes, out2, lse1, po, pml, meta.flag)
+            po, pml = st.cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32, stream=s),
+                                                               cuda.device_array((*shape, 2), np.float32, stream=s)))
+        args = (q2, kr, vr, meta.table, meta.lens, meta.work, bs, Hkv, cfg.H, sh, si, qk_scale, out_scale,
+                cfg.causal, cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, po, pml, meta.flag)
+        roles = {0: ("q", (D,), q2.dtype.itemsize), 1: ("k", (), wdt.itemsize), 2: ("v", (), wdt.itemsize),
+                 17: ("out", (D,), out2.dtype.itemsize), 18: ("lse", (), 4)}
+        launches = [Launch(kern, (rows_blocks, n_parts), NT, 0, args, roles)]
         if n_parts > 1:
             MT = _plan.merge_threads(D, rt.simulator)
-            merge_kernel(D, cfg.q_dtype.code, MT)[seqs.size * cfg.H * sq, MT](po, pml, meta.work, sh, si,
-                                                                               out_scale, out2, lse1)
+            launches.append(Launch(merge_kernel(D, cfg.q_dtype.code, MT), seqs.size * cfg.H * sq, MT, 0,
+                                   (po, pml, meta.work, sh, si, out_scale, out2, lse1),
+                                   {6: ("out", (D,), out2.dtype.itemsize), 7: ("lse", (), 4)}))
+        return launches
 
-    def _tiled_mma(self, cfg, meta, q2, k, v, qk_scale, out_scale, out2, lse1):
+    def _tiled_mma(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
         from ...kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
 
+        meta = st.meta
         D, kd = cfg.D, cfg.kv_dtype
         bs, Hkv = cfg.kv_shape[1:3]
         _, sh, si = cfg.row_layout()
@@ -177,7 +257,9 @@ class CudaClient(Client):
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                 meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
         grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
-        self._launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args)
+        roles = {0: ("q", (), q2.dtype.itemsize), 1: ("k", (), kd.itemsize), 2: ("v", (), kd.itemsize),
+                 17: ("out", (), 4), 18: ("lse", (), 4)}
+        return [Launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args, roles)]
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
@@ -193,11 +275,12 @@ class CudaClient(Client):
             return True
         return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
 
-    def _launch(self, kern, grid, block, smem, args):
-        """Launch ``kern`` with ``smem`` bytes of dynamic shared memory. Above 48 KB the compiled
-        kernel must opt in first (numba has no API for the attribute: it is set through the
-        driver, once per compiled kernel; the argument types are looked up only while a
+    def _launch(self, launch, stream=0):
+        """Launch a ``Launch`` record through numba on ``stream``. Above 48 KB of dynamic shared memory
+        the compiled kernel must opt in first (numba has no API for the attribute: it is set through
+        the driver, once per compiled kernel; the argument types are looked up only while a
         dispatcher has kernels that have not opted in)."""
+        kern, smem, args = launch.kern, launch.smem, launch.args
         if smem > _plan.STATIC_SMEM and not self.runtime.simulator and \
                 self._smem_opt_in.get(id(kern)) != len(kern.overloads):
             from numba.cuda.cudadrv.driver import binding, driver
@@ -209,19 +292,13 @@ class CudaClient(Client):
             limit = self._cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN - cufunc.attrs.shared
             driver.cuKernelSetAttribute(attr, int(limit), cufunc.handle, cufunc.device.id)
             self._smem_opt_in[id(kern)] = len(kern.overloads)
-        kern[grid, block, 0, smem](*args)
+        launch(stream)
 
     def _metadata(self, cfg):
         return self._scratch.metadata(cfg)
 
     def _cached(self, key, make):
         return self._scratch.cached(key, make)
-
-    @staticmethod
-    def _check(flag, cfg):
-        if flag.copy_to_host()[0]:
-            raise ValueError(f"scale: some attention scores are not finite: scale * q . k overflows float32 "
-                             f"(scale={cfg.scale:g}) or q / k_blocks hold inf or NaN in tokens that are read")
 
     def _partition(self, max_len: int, row_blocks: int) -> int:
         """Tokens per split-K partition (``plan.partition``)."""

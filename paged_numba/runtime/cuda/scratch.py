@@ -83,3 +83,29 @@ class Scratch:
         fill_metadata(host, cfg)
         dev.copy_to_device(host)
         return meta
+
+
+class PlanState:
+    """A plan's device side: ``stream`` (numba stream) and its raw handle ``cu_stream``, ``meta``
+    (Meta views of its metadata), split-K scratch (``cached``), prepared launches per kind of run,
+    and ``check_finite``. ``own``: the buffers are the plan's (a public plan); else the per-thread
+    scratch (a one-shot call)."""
+
+    def __init__(self, stream, meta, *, host=None, own=False, scratch=None, check_finite=False):
+        self.stream = stream
+        h = getattr(stream, "handle", None)
+        self.cu_stream = h if h is not None and int(h) != 0 else 0
+        self.meta = meta
+        self.own = own
+        self.check_finite = check_finite
+        self.prepared: dict = {}
+        self._host = host            # the pinned upload source: alive while the copy may run
+        self._scratch = scratch
+        self._cache: dict = {}
+
+    def cached(self, key, make):
+        if self._scratch is not None:
+            return self._scratch.cached(key, make)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
