@@ -375,7 +375,8 @@ def test_cuda_graph_capture_replay_parity(runtime_name):
             _eq(l.numpy(), wl.numpy())
 
 
-def test_cuda_prepared_launch_parity(runtime_name, monkeypatch):
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_cuda_prepared_launch_parity(runtime_name):
     """GPU only: runs after the first (prepared launches through cuLaunchKernel) equal numba's,
     on decode (split-K + merge), SIMT prefill and tensor-core prefill, with pools of other sizes."""
     if runtime_name != "cuda" or is_sim("cuda"):
@@ -394,6 +395,7 @@ def test_cuda_prepared_launch_parity(runtime_name, monkeypatch):
                 _eq(out.numpy(), want[0].numpy())
                 _eq(lse.numpy(), want[1].numpy())
         assert plan._state.prepared, "the plan should have prepared its launches"
+    assert pn.get_runtime("cuda").client.prepared_launch, "prepared launches were given up (see the warning)"
 
 
 # ------------------------------------------------------------------------------ PagedKVCache.plan

@@ -29,6 +29,7 @@ class CudaClient(Client):
         self._cuda = runtime._cuda
         self._scratch = Scratch(runtime._cuda)
         self._smem_opt_in = {}     # id(dispatcher) -> its overloads when the last one opted in
+        self._prepared_ok = False  # a prepared launch has run once (failures after that are real errors)
 
     def run_fwd(self, cfg, q, k, v, *, out=None, lse=None, state=None):
         return self._forward(cfg, q, k, v, cfg.scale, 1.0, out, lse, state)
@@ -146,21 +147,39 @@ class CudaClient(Client):
             return out, lse
         mma = bool(cfg.tiled_seqs.size) and self._mma_prefill_ok(cfg, q, k, v)
         key = (cfg.q_dtype.code, cfg.kv_dtype.code, float(qk_scale), float(out_scale), mma)
-        prepared = st.prepared.get(key)
+        prepared = st.prepared.get(key) if self.prepared_launch else None
         if prepared is not None:
             arrays = {n: (device_ptr(x), x.size * x.dtype.itemsize)
                       for n, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))}
-            for launch in prepared:
-                launch(st.cu_stream, arrays)
-        else:
+            try:
+                for launch in prepared:
+                    launch(st.cu_stream, arrays)
+            except Exception as exc:
+                if self._prepared_ok:
+                    raise
+                self._give_up_prepared(exc)     # the first prepared launch failed: numba's path from now on
+                prepared = None
+            else:
+                self._prepared_ok = True
+        if prepared is None:
             launches = self._forward_launches(cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma)
             for launch in launches:
                 self._launch(launch, s)
             if st.own and self.prepared_launch and not self.runtime.simulator:
-                st.prepared[key] = [PreparedLaunch(launch) for launch in launches]
+                try:
+                    st.prepared[key] = [PreparedLaunch(launch) for launch in launches]
+                except Exception as exc:
+                    self._give_up_prepared(exc)
         if state is None or st.check_finite:
             self.check_plan(st, cfg)
         return out, lse
+
+    def _give_up_prepared(self, exc) -> None:
+        import warnings
+
+        self.prepared_launch = False
+        warnings.warn(f"paged_numba: prepared CUDA launches are unavailable ({type(exc).__name__}: {exc}); "
+                      "plans launch through numba's dispatcher", RuntimeWarning, stacklevel=3)
 
     def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma) -> list:
         """The forward's launches (``launch.Launch`` records) for the plan state ``st``."""

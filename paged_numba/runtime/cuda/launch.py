@@ -37,21 +37,6 @@ def _dims(d) -> tuple:
     return tuple(int(x) for x in d) + (1,) * (3 - len(d))
 
 
-def _array_fields(ptr: int, nbytes: int, trailing: tuple, itemsize: int) -> list:
-    """numba's launch fields of a C-contiguous array: meminfo, parent, size, itemsize, data,
-    shape, strides."""
-    inner = 1
-    for t in trailing:
-        inner *= t
-    lead = nbytes // (itemsize * inner) if inner else 0
-    shape = (lead, *trailing)
-    strides, acc = [], itemsize
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return [0, 0, lead * inner, itemsize, ptr, *shape, *reversed(strides)]
-
-
 def device_ptr(arr) -> int:
     return arr.device_ctypes_pointer.value or 0
 
@@ -87,17 +72,22 @@ class PreparedLaunch:
         base = self._buf.ctypes.data
         self._ptrs = (ctypes.c_void_p * max(1, len(flat)))(*[base + _SLOT * i for i in range(len(flat))])
         self._params = ctypes.addressof(self._ptrs)
-        self._roles = [(starts[i], role, tuple(trailing), itemsize)
+        # numba's fields of an array argument: meminfo, parent, size, itemsize, data, shape, strides.
+        # Per run only size (+2), data (+4) and the leading extent (+5) change: the trailing shape,
+        # the itemsize and every stride (C-contiguous) are the first run's.
+        self._roles = [(starts[i], role, int(np.prod(trailing, dtype=np.int64)), itemsize)
                        for i, (role, trailing, itemsize) in launch.roles.items()]
         self._grid, self._block, self._smem = _dims(launch.grid), _dims(launch.block), int(launch.smem)
 
     def __call__(self, stream_handle, arrays: dict) -> None:
         """Launch on the raw stream handle with ``arrays`` (role -> (pointer, bytes)) in the roles."""
         buf = self._buf
-        for start, role, trailing, itemsize in self._roles:
+        for start, role, inner, itemsize in self._roles:
             ptr, nbytes = arrays[role]
-            fields = _array_fields(ptr, nbytes, trailing, itemsize)
-            buf[start:start + len(fields)] = fields
+            lead = nbytes // (itemsize * inner)
+            buf[start + 2] = lead * inner
+            buf[start + 4] = ptr
+            buf[start + 5] = lead
         g, b = self._grid, self._block
         err, = self._binding.cuLaunchKernel(self._func, g[0], g[1], g[2], b[0], b[1], b[2], self._smem,
                                             stream_handle, self._params, 0)
