@@ -17,20 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, markdown_table  # noqa: E402
+from timing import kernel_time, time_events, time_wall, wall_once  # noqa: E402
 
 TARGET = 1.5   # at most 1.5x the time of torch's fp32 backward
-
-
-def _wall(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def log(msg):
@@ -50,8 +44,6 @@ def main(argv=None) -> int:
                     help="torch on the CPU and the cpu runtime, for checking this script without a GPU")
     args = ap.parse_args(argv)
     import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     import paged_numba as pn
 
@@ -72,18 +64,8 @@ def main(argv=None) -> int:
 
     def events(fn, reps):
         if args.dry_run:
-            return min(_wall(fn) for _ in range(reps))
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e-3)
-        return float(np.median(times))
+            return min(wall_once(fn) for _ in range(reps))
+        return time_events(torch, fn, reps, warmup=1)[0]
 
     ref = {}
 
@@ -129,22 +111,8 @@ def main(argv=None) -> int:
 
         dq, dk, dv = call()
         rt.synchronize()
-        walls = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            call()
-            rt.synchronize()
-            walls.append(time.perf_counter() - t0)
-        t_call = float(np.median(walls))
-        t_kern = None
-        if not args.dry_run:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.reps):
-                    call()
-                rt.synchronize()
-            us = [e.time_range.elapsed_us() for e in prof.events()
-                  if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
-            t_kern = sum(us) * 1e-6 / args.reps if us else None
+        t_call = time_wall(call, args.reps, rt.synchronize, warmup=0)[0]
+        t_kern = None if args.dry_run else kernel_time(torch, call, args.reps, rt.synchronize, log)
 
         # Errors against torch's fp32-or-bf16 gradients, relative to their max.
         def host(t):

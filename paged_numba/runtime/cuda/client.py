@@ -76,8 +76,8 @@ class CudaClient(Client):
         return Graph(state.stream, state.cu_stream)
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse, *, state=None):
-        from ...kernels.cuda.paged_attention_bwd import (bwd_tiles, delta_kernel, dkdv_kernel, dq_kernel,
-                                                       encode_kernel, fill_kernel)
+        from ...kernels.cuda.paged_attention_bwd import (delta_kernel, dkdv_kernel, dq_kernel, encode_kernel,
+                                                       fill_kernel)
 
         cuda = self._cuda
         rt = self.runtime
@@ -103,7 +103,7 @@ class CudaClient(Client):
             delta = cuda.device_array(n_rows, np.float32)
             lse2 = cuda.device_array(n_rows, np.float32)
             delta_kernel(D, dt.code)[-(-n_rows // ET), ET](do2, o2, lse.reshape(n_rows), delta, lse2)
-            BQ, BK, TY = bwd_tiles(D, rt.simulator)
+            BQ, BK, TY = _plan.bwd_tiles(D, rt.simulator)
             k3, v3 = k.reshape(N * bs, Hkv, D), v.reshape(N * bs, Hkv, D)
             dk3, dv3 = dk.reshape(N * bs, Hkv, D), dv.reshape(N * bs, Hkv, D)
             mods = self._mods(cfg)
@@ -197,14 +197,14 @@ class CudaClient(Client):
     def _tiled(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
         """The SIMT tiled (prefill) kernel over ``cfg.tiled_seqs`` (every layout, mask and score
         modifier); ``_tiled_mma`` is its tensor-core twin."""
-        from ...kernels.cuda.paged_attention import tile_shape, tiled_kernel
+        from ...kernels.cuda.paged_attention import tiled_kernel
 
         meta = st.meta
         D, kd = cfg.D, cfg.kv_dtype
         wdt = _plan.word_dtype(D * kd.itemsize)
         _, sh, si = cfg.row_layout()
         sq = int(cfg.q_lens[cfg.tiled_seqs].max())
-        BQ, BK, NTT = tile_shape(D, self.runtime.simulator)
+        BQ, BK, NTT = _plan.tile_shape(D, self.runtime.simulator)
         kw = k.reshape(cfg.kv_shape).view(wdt)
         vw = v.reshape(cfg.kv_shape).view(wdt)
         kern = tiled_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, BQ, BK, NTT,
@@ -232,13 +232,12 @@ class CudaClient(Client):
         sq = int(cfg.q_lens[seqs].max())
         span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
         rows = cfg.G * sq
-        rows_blocks = seqs.size * Hkv * -(-rows // _plan.decode_rows(rows))
-        PT = self._partition(span, rows_blocks)
-        n_parts = max(1, -(-span // PT))
-        geo = _plan.decode_geometry(D, kd.itemsize, wdt.itemsize, rows, PT, rt.simulator)
-        NT = geo["NT"]
-        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=PT, **geo,
-                             **self._mods(cfg))
+        rows_blocks = _plan.decode_row_blocks(seqs.size, Hkv, rows)
+        lp = _plan.decode_launch(D, kd.itemsize, rows, span, rows_blocks, self._partition(span, rows_blocks),
+                                 rt.simulator)
+        n_parts = lp.n_parts
+        kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=lp.PT,
+                             **lp.geometry, **self._mods(cfg))
         kr = k.reshape(k.size).view(wdt)    # flat word arrays
         vr = v.reshape(v.size).view(wdt)
         shape = (seqs.size, cfg.H, sq, n_parts)
@@ -253,9 +252,9 @@ class CudaClient(Client):
                 cfg.causal, cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, po, pml, meta.flag)
         roles = {0: ("q", (D,), q2.dtype.itemsize), 1: ("k", (), wdt.itemsize), 2: ("v", (), wdt.itemsize),
                  17: ("out", (D,), out2.dtype.itemsize), 18: ("lse", (), 4)}
-        launches = [Launch(kern, (rows_blocks, n_parts), NT, 0, args, roles)]
+        launches = [Launch(kern, lp.grid, lp.NT, 0, args, roles)]
         if n_parts > 1:
-            MT = _plan.merge_threads(D, rt.simulator)
+            MT = lp.merge_threads
             launches.append(Launch(merge_kernel(D, cfg.q_dtype.code, MT), seqs.size * cfg.H * sq, MT, 0,
                                    (po, pml, meta.work, sh, si, out_scale, out2, lse1),
                                    {6: ("out", (D,), out2.dtype.itemsize), 7: ("lse", (), 4)}))

@@ -7,6 +7,8 @@ what they compile and time is what the client launches.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 DECODE_NT = 128     # threads per decode block on a GPU
@@ -107,3 +109,75 @@ def merge_threads(D: int, sim: bool) -> int:
 def elementwise_threads(sim: bool) -> int:
     """Threads per block of the element-wise, grid-stride kernels (fills, encodes, write_kv)."""
     return 32 if sim else 256
+
+
+def tile_shape(D: int, sim: bool) -> tuple:
+    """(BQ, BK, NT) for head_dim D: the largest tiles whose shared memory stays under 46 KB and
+    whose per-thread output tile stays at most 64 registers."""
+    if sim:
+        return 8, 8, 32
+    DT = -(-D // 8)
+    for BQ, BK in ((64, 32), (32, 32), (16, 16)):
+        smem = 4 * ((BQ + BK) * (D + 1) + BQ * (BK + 1) + BQ * 8)
+        if smem <= 46 * 1024 and (BQ // 16) * DT <= 64:
+            return BQ, BK, 128
+    return 16, 8, 128
+
+
+BWD_SMEM_LIMIT = 46 * 1024
+
+
+def bwd_tiles(D: int, sim: bool) -> tuple:
+    """(BQ, BK, TY): query rows and keys per tile, thread rows (NT = 8 * TY threads) -- the largest
+    square tiles whose shared memory (K, V, q, dout tiles, P and dS) fits 46 KB. BK is a multiple
+    of 8 (the score columns) and of TY (the gradient rows), BQ a multiple of TY."""
+    if sim:
+        return 4, 8, 4
+    for t in (32, 16, 8):
+        smem = 4 * (4 * t * (D + 1) + 2 * t * (t + 1) + 2 * t)
+        if smem <= BWD_SMEM_LIMIT or t == 8:
+            return t, t, min(t, 16)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The split-K decode launch of a batch: ``row_blocks`` thread blocks of R query rows (one
+    (sequence, KV head) each) x ``n_parts`` partitions of PT tokens, the kernel's geometry (TX lanes
+    per token row, NT threads, R rows, TT tokens per tile; ``decode_geometry``), and the merge's
+    threads when there is more than one partition."""
+    D: int
+    kv_bytes: int
+    word_bytes: int
+    rows: int
+    PT: int
+    row_blocks: int
+    n_parts: int
+    TX: int
+    NT: int
+    R: int
+    TT: int
+    merge_threads: int
+
+    @property
+    def grid(self) -> tuple:
+        return (self.row_blocks, self.n_parts)
+
+    @property
+    def geometry(self) -> dict:
+        """The decode kernel factory's geometry keywords."""
+        return dict(TX=self.TX, NT=self.NT, R=self.R, TT=self.TT)
+
+
+def decode_row_blocks(n_seqs: int, Hkv: int, rows: int) -> int:
+    """Thread blocks per partition: one per (sequence, KV head) and group of ``decode_rows(rows)`` rows."""
+    return n_seqs * Hkv * -(-rows // decode_rows(rows))
+
+
+def decode_launch(D: int, kv_bytes: int, rows: int, span: int, row_blocks: int, PT: int, sim: bool) -> DecodeLaunch:
+    """The ``DecodeLaunch`` for head dim D, K/V elements of ``kv_bytes``, ``rows`` = G * Sq query
+    rows per (sequence, KV head), the longest key span ``span``, ``row_blocks`` blocks per
+    partition and partitions of PT tokens (``partition``)."""
+    wb = word_dtype(D * kv_bytes).itemsize
+    geo = decode_geometry(D, kv_bytes, wb, rows, PT, sim)
+    return DecodeLaunch(D=D, kv_bytes=kv_bytes, word_bytes=wb, rows=rows, PT=PT, row_blocks=row_blocks,
+                        n_parts=max(1, -(-span // PT)), merge_threads=merge_threads(D, sim), **geo)
