@@ -40,8 +40,8 @@ def plan_attention(block_table, seq_lens=None, *, num_heads, num_kv_heads, head_
     caller's arrays afterwards changes nothing.
 
     cuda only: ``stream`` -- the stream every upload and launch of the plan goes to: a numba stream,
-    an object with ``cuda_stream`` (torch) or ``__cuda_stream__`` (CUDA stream protocol), or a raw
-    ``CUstream`` handle (int); None is the default stream. ``check_finite=True`` makes every run
+    an object with ``cuda_stream`` (torch), ``__cuda_stream__`` (CUDA stream protocol) or ``ptr``
+    (CuPy), or a raw ``CUstream`` handle (int); None is the default stream. ``check_finite=True`` makes every run
     read the non-finite-score flag back (a host sync) and raise at once; otherwise ``plan.check()``
     reads it.
     """
@@ -149,8 +149,10 @@ class AttentionPlan:
         graph = begin(self._state)
         try:
             yield graph
-        finally:
-            graph.end()
+        except BaseException:
+            graph.abort()
+            raise
+        graph.end()
 
     # ------------------------------------------------------------------------------ internals
 

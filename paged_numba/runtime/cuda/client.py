@@ -73,6 +73,9 @@ class CudaClient(Client):
         if not state.cu_stream:
             raise RuntimeError("plan.capture: the default stream cannot be captured; plan on a stream of its own "
                                "(pn.plan_attention(..., stream=numba.cuda.stream()))")
+        if state.check_finite:
+            raise RuntimeError("plan.capture: a plan with check_finite=True waits for the device in every run, "
+                               "which a graph cannot hold; capture a plan without it and call plan.check()")
         return Graph(state.stream, state.cu_stream)
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse, *, state=None):

@@ -97,7 +97,8 @@ class PreparedLaunch:
 
 def as_stream(cuda, stream, simulator: bool):
     """A numba stream from ``stream``: None (the default stream), a numba stream, an object with
-    ``cuda_stream`` (torch) or ``__cuda_stream__()`` (the CUDA stream protocol), or a raw int handle."""
+    ``cuda_stream`` (torch), ``__cuda_stream__()`` (the CUDA stream protocol) or ``ptr`` (CuPy), or a raw
+    int handle."""
     if stream is None:
         return cuda.default_stream()
     if hasattr(stream, "auto_synchronize") and hasattr(stream, "synchronize"):
@@ -107,10 +108,12 @@ def as_stream(cuda, stream, simulator: bool):
         ptr = proto[1] if isinstance(proto, tuple) else proto
     elif hasattr(stream, "cuda_stream"):
         ptr = stream.cuda_stream
+    elif hasattr(stream, "ptr") and not isinstance(stream, (int, np.integer)):   # CuPy
+        ptr = stream.ptr
     elif isinstance(stream, (int, np.integer)) and not isinstance(stream, (bool, np.bool_)):
         ptr = stream
     else:
-        raise TypeError(f"stream: expected a numba stream, an object with cuda_stream / __cuda_stream__ "
+        raise TypeError(f"stream: expected a numba stream, an object with cuda_stream / __cuda_stream__ / ptr "
                         f"(torch, CuPy) or an int handle, got {type(stream).__name__}")
     ptr = int(ptr)
     if ptr == 0:
@@ -155,6 +158,15 @@ class Graph:
         err, exe = self._b.cuGraphInstantiate(graph, 0)
         _ok((err,), "cuGraphInstantiate")
         self._exec = exe
+
+    def abort(self) -> None:
+        """End a capture that failed, dropping what it recorded (errors ignored)."""
+        try:
+            res = self._b.cuStreamEndCapture(self._h)
+            if int(res[0]) == 0 and res[1] is not None:
+                self._b.cuGraphDestroy(res[1])
+        except Exception:
+            pass
 
     def replay(self) -> None:
         """Launch the captured work again on the plan's stream (asynchronously)."""
