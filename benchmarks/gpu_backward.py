@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, markdown_table  # noqa: E402
+from timing import kernel_time, time_events, time_wall, wall_once  # noqa: E402
 
 TARGET = 1.5   # at most 1.5x the time of torch's fp32 backward
 TARGET_BF16 = 3.0   # issue 11: at most 3x the time of torch's bf16 backward
-
-
-def _wall(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def log(msg):
@@ -62,8 +55,6 @@ def main(argv=None) -> int:
                     help="torch on the CPU and the cpu runtime, for checking this script without a GPU")
     args = ap.parse_args(argv)
     import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     import paged_numba as pn
 
@@ -86,18 +77,8 @@ def main(argv=None) -> int:
 
     def events(fn, reps):
         if args.dry_run:
-            return min(_wall(fn) for _ in range(reps))
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e-3)
-        return float(np.median(times))
+            return min(wall_once(fn) for _ in range(reps))
+        return time_events(torch, fn, reps, warmup=1)[0]
 
     ref = {}
 
@@ -143,32 +124,14 @@ def main(argv=None) -> int:
             return pn.paged_attention_bwd(tdo, tq, tk, tv, out, lse, table_np, causal=True)
 
         def measure():
-            """(call wall time, kernel time from CUPTI or None, gradients) of the public call."""
+            """(call wall time, kernel time from CUPTI or None, gradients) of the public call; the
+            kernels' times are logged one by one (what bounds the call)."""
             grads = call()
             rt.synchronize()
-            walls = []
-            for _ in range(args.reps):
-                t0 = time.perf_counter()
-                call()
-                rt.synchronize()
-                walls.append(time.perf_counter() - t0)
-            t_kern = None
-            if not args.dry_run:
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.reps):
-                        call()
-                    rt.synchronize()
-                evs = [e for e in prof.events()
-                       if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
-                t_kern = sum(e.time_range.elapsed_us() for e in evs) * 1e-6 / args.reps if evs else None
-                per = {}            # per kernel (numba's mangled names, shortened): what bounds the call
-                for e in evs:
-                    found = re.findall(r"([A-Za-z_]+_kernel)", e.name)
-                    short = found[-1] if found else e.name[:60]
-                    per[short] = per.get(short, 0.0) + e.time_range.elapsed_us() * 1e-3 / args.reps
-                for kname, ms in sorted(per.items(), key=lambda x: -x[1]):
-                    log(f"    {ms:9.3f} ms  {kname}")
-            return float(np.median(walls)), t_kern, grads
+            t_call = time_wall(call, args.reps, rt.synchronize, warmup=0)[0]
+            t_kern = None if args.dry_run else kernel_time(torch, call, args.reps, rt.synchronize, log,
+                                                           per_kernel=True)
+            return t_call, t_kern, grads
 
         # Errors against torch's fp32-or-bf16 gradients, relative to their max.
         def host(t):
@@ -211,15 +174,15 @@ def main(argv=None) -> int:
         report(f"{name} (tensor cores)" if tc else name, t_call, t_kern, errors(grads))
         if tc:
             from paged_numba.runtime import cuda as cuda_rt
-            real_tiles = cuda_rt.mma_bwd_tiles
+            real_tiles = cuda_rt.plan.mma_bwd_tiles
             for spec in args.bwd_tiles:          # other tensor-core layouts: NWxBQ[xMAXREG]
                 nw, bq, *mr = (int(x) for x in spec.lower().split("x"))
                 mr = mr[0] if mr else 0
-                cuda_rt.mma_bwd_tiles = lambda D_, sim, window=False, vred=True, nw=nw, bq=bq, mr=mr: (nw, bq, mr)
+                cuda_rt.plan.mma_bwd_tiles = lambda D_, sim, window=False, vred=True, nw=nw, bq=bq, mr=mr: (nw, bq, mr)
                 try:
                     t_call, t_kern, grads = measure()
                 finally:
-                    cuda_rt.mma_bwd_tiles = real_tiles
+                    cuda_rt.plan.mma_bwd_tiles = real_tiles
                 report(f"{name} (tensor cores, {nw} warps x {bq} rows, maxreg {mr or '-'})", t_call, t_kern,
                        errors(grads))
             if not args.no_simt:

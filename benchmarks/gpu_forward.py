@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from common import append_results, contiguous_kv, markdown_table  # noqa: E402
+from timing import kernel_time as _kernel_time, time_events, time_wall  # noqa: E402
 
 BS = 16
 FP8_K_SCALE, FP8_V_SCALE = 0.02, 0.03   # codes = x / scale: N(0, 1) data uses most of E4M3's range
@@ -87,62 +88,8 @@ def fail_fast(msg: str, code: int = 2):
 
 # ------------------------------------------------------------------------------------ timing
 
-def _stats(times):
-    t = np.asarray(times, dtype=np.float64)
-    med = float(np.median(t))
-    spread = float((np.percentile(t, 90) - np.percentile(t, 10)) / med) if med > 0 else 0.0
-    return med, spread
-
-
-def time_wall(fn, reps, sync, warmup=2):
-    """(median s, (p90 - p10) / median) of ``fn(); sync()`` by the host clock."""
-    for _ in range(warmup):
-        fn()
-        sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return _stats(times)
-
-
-def time_events(torch, fn, reps, warmup=3):
-    """(median s, spread) of ``fn()`` between two CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return _stats([s.elapsed_time(e) * 1e-3 for s, e in ev])
-
-
 def kernel_time(torch, fn, calls, sync):
-    """Mean GPU kernel time per call of ``fn`` from the profiler's CUPTI trace (memcpy / memset
-    excluded), or None when the profiler is unavailable or sees no kernel."""
-    try:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-                sync()
-        total, n = 0.0, 0
-        for e in prof.events():
-            if e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
-                continue
-            total += e.time_range.elapsed_us()
-            n += 1
-        return total * 1e-6 / calls if n else None
-    except Exception as exc:  # the profiler is a convenience: never let it sink a row
-        log(f"    (kernel-only timing unavailable: {type(exc).__name__}: {exc})")
-        return None
+    return _kernel_time(torch, fn, calls, sync, log)
 
 
 def d2d_copy(torch, rt, reps):
@@ -627,7 +574,7 @@ def main(argv=None) -> int:
     if args.mma_tiles:
         from paged_numba.runtime import cuda as cuda_rt
         tiles = tuple(int(x) for x in args.mma_tiles.split(","))
-        cuda_rt.mma_tiles = lambda D, sim, fp8=False, window=False: tiles
+        cuda_rt.plan.mma_tiles = lambda D, sim, *a, **kw: tiles
         log(f"tensor-core prefill tiles (NW, MT, BK) = {tiles} for every head dim")
     bench = Bench(args, pn, rt, torch)
     if args.sim_smoke:

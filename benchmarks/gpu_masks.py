@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from common import append_results, markdown_table  # noqa: E402
-from gpu_forward import kernel_time, time_wall  # noqa: E402
+from timing import kernel_time, time_wall  # noqa: E402
 
 BS = 16
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from .dtypes import DType, as_dtype, from_numpy_dtype
 from .errors import OutOfBlocksError
-from .ops import paged_attention_fwd, paged_attention_fwd_fp8, write_kv
+from .ops import paged_attention_fwd, paged_attention_fwd_fp8, plan_attention, write_kv
 from .ops.config import _pool_scale, write_kv_config
 from .runtime import get_runtime
 from .tensor import Tensor, tensor
@@ -451,6 +451,22 @@ class PagedKVCache:
             table[b, :len(s.blocks)] = s.blocks
         lens = np.array([s.length for s in seqs], np.int32)
         return table, lens
+
+    def plan(self, seq_ids, q_len=1, *, num_heads=None, causal=True, scale=None, cu_seqlens_q=None,
+             window_left=-1, softcap=0.0, alibi_slopes=None, stream=None, check_finite=False):
+        """The ``pn.plan_attention`` plan of the sequences ``seq_ids`` as they are now (their block
+        table and lengths copied into the plan), for q [B, num_heads, q_len, D] -- or token-major
+        [T, H, D] with ``cu_seqlens_q`` -- on the cache's runtime; ``num_heads`` defaults to the
+        cache's KV heads. Run it on every layer's pools: ``plan.run(q, *cache.layer_pools(l))``
+        (FP8 caches: ``plan.run_fp8(q, k, v, k_scale=cache.k_scale, v_scale=cache.v_scale)``).
+        Appending to the sequences afterwards does not change the plan: plan again per step."""
+        table, lens = self.block_table(seq_ids)
+        H = self.num_kv_heads if num_heads is None else num_heads
+        return plan_attention(table, lens, num_heads=H, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                              block_size=self.block_size, q_len=q_len, causal=causal, scale=scale,
+                              cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                              alibi_slopes=alibi_slopes, runtime=self._rt, stream=stream,
+                              check_finite=check_finite)
 
     def attention(self, q, seq_ids, *, causal=True, scale=None, cu_seqlens_q=None, window_left=-1,
                   softcap=0.0, alibi_slopes=None):

@@ -10,14 +10,14 @@ which, the details follow it), 2 when the NVIDIA compiler libraries (NVVM, NVRTC
 
 What is enumerated (``specializations``), with the geometry ``CudaClient._forward`` picks on a real
 GPU: for head dims 16, 40, 64, 80, 128, 256 crossed with the (q, kv, out) dtype triples below,
-``decode_kernel`` (Sq <= ``_DECODE_MAX_SQ``: the geometry of ``decode_geometry`` for GQA groups of
-4 rows at partition sizes PT 2048 and 64, the two ends of ``_partition`` (2048 only with --quick),
-and for one row per KV head at 2048; words of ``_word_dtype``) and ``tiled_kernel`` (longer Sq:
-``tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
+``decode_kernel`` (Sq <= ``plan.DECODE_MAX_SQ``: the geometry of ``decode_geometry`` for GQA groups of
+4 rows at partition sizes PT 2048 and 64, the two ends of ``plan.partition`` (2048 only with --quick),
+and for one row per KV head at 2048; words of ``plan.word_dtype``) and ``tiled_kernel`` (longer Sq:
+``plan.tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
 backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
-F32 / F16 / BF16 with the tiles of ``bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode) and
+F32 / F16 / BF16 with the tiles of ``plan.bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode) and
 the tensor-core backward (``paged_backward_mma.py``, "bwd_mma": F16 / BF16, head dims multiples of 16
-up to 128, tiles of ``mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128; on
+up to 128, tiles of ``plan.mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128; on
 sm_90 with vector reductions, ``VRED``, below without). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
@@ -92,8 +92,9 @@ def _dtypes():
 
 
 def _merge_threads(D: int) -> int:
-    # CudaClient._forward: MT = min(128, 32 * ceil(D / 32)) threads per merge block on a GPU.
-    return min(128, 32 * -(-D // 32))
+    from paged_numba.runtime.cuda import plan
+
+    return plan.merge_threads(D, False)
 
 
 def specializations(quick: bool = False, partitions=None) -> list:
@@ -102,8 +103,8 @@ def specializations(quick: bool = False, partitions=None) -> list:
     keyword arguments) and the argument dtypes. Imports neither numba nor numba.cuda."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from paged_numba.kernels.cuda.paged_attention import tile_shape
-    from paged_numba.runtime import cuda as client
+    from paged_numba.runtime.cuda import plan
+    from paged_numba.runtime.cuda.plan import tile_shape
 
     dts = _dtypes()
     pts = tuple(partitions) if partitions else (QUICK_PARTITIONS if quick else PARTITIONS)
@@ -112,7 +113,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
         for D in HEAD_DIMS:
             for qn, kvn, on in DTYPE_TRIPLES:
                 q, kv, out = dts[qn], dts[kvn], dts[on]
-                wdt = client._word_dtype(D * kv.itemsize)
+                wdt = plan.word_dtype(D * kv.itemsize)
                 W = D * kv.itemsize // wdt.itemsize
                 common = dict(D=D, q_code=q.code, kv_code=kv.code, out_code=out.code,
                               word_bits=wdt.itemsize * 8)
@@ -126,7 +127,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
                     continue
                 # GQA groups (rows = 4) at both partition ends; one query row per KV head (MHA).
                 for rows, PT in [(4, PT) for PT in pts] + [(1, pts[0])]:
-                    geo = client.decode_geometry(D, kv.itemsize, wdt.itemsize, rows, PT, False)
+                    geo = plan.decode_geometry(D, kv.itemsize, wdt.itemsize, rows, PT, False)
                     specs.append(dict(base, PT=PT, factory=dict(common, PT=PT, **geo),
                                       spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
                                       + f" PT={PT}"))
@@ -136,7 +137,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
         for name in ("f16", "bf16"):      # K/V of q's dtype, or FP8 codes decoded into it
             dt = dts[name]
             for kvn in (name, "e4m3", "e5m2"):
-                NW, MT, BK = client.mma_tiles(D, False, kvn != name)
+                NW, MT, BK = plan.mma_tiles(D, False, kvn != name)
                 specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=kvn, out=name, PT=None,
                                   factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code),
                                   kv_storage=dts[kvn].storage.name,
@@ -147,7 +148,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
         for D in MOD_HEAD_DIMS:
             for qn, kvn, on in MOD_DTYPE_TRIPLES:
                 q, kv, out = dts[qn], dts[kvn], dts[on]
-                wdt = client._word_dtype(D * kv.itemsize)
+                wdt = plan.word_dtype(D * kv.itemsize)
                 common = dict(D=D, q_code=q.code, kv_code=kv.code, out_code=out.code,
                               word_bits=wdt.itemsize * 8, SOFTCAP=True, ALIBI=True)
                 base = dict(kernel=kernel + "+mods", D=D, q=qn, kv=kvn, out=on, q_storage=q.storage.name,
@@ -158,7 +159,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
                     specs.append(dict(base, PT=None, factory=dict(common, BQ=BQ, BK=BK, NT=NTT),
                                       spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
                     continue
-                geo = client.decode_geometry(D, kv.itemsize, wdt.itemsize, 4, pts[0], False)
+                geo = plan.decode_geometry(D, kv.itemsize, wdt.itemsize, 4, pts[0], False)
                 specs.append(dict(base, PT=pts[0], factory=dict(common, PT=pts[0], **geo),
                                   spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
                                   + f" PT={pts[0]}"))
@@ -174,7 +175,7 @@ def specializations(quick: bool = False, partitions=None) -> list:
             if qn not in ("f16", "bf16"):
                 continue
             for window, mods in ((True, False), (False, True)):
-                NW, MT, BK = client.mma_tiles(D, False, kvn != qn, window, mods)
+                NW, MT, BK = plan.mma_tiles(D, False, kvn != qn, window, mods)
                 tag = "window" if window else "mods"
                 specs.append(dict(kernel=f"prefill_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None,
                                   factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
@@ -206,8 +207,8 @@ BWD_DTYPES = ("f32", "f16", "bf16")
 
 def _backward_specializations(dts) -> list:
     """The backward's kernels (``CudaClient.run_bwd``): delta, dK/dV and dQ per head dim and dtype
-    with the tiles of ``bwd_tiles(D, sim=False)``; the zero fill; the float32 -> 16-bit encode."""
-    from paged_numba.kernels.cuda.paged_attention_bwd import bwd_tiles
+    with the tiles of ``plan.bwd_tiles(D, sim=False)``; the zero fill; the float32 -> 16-bit encode."""
+    from paged_numba.runtime.cuda.plan import bwd_tiles
     specs = []
     for D in HEAD_DIMS:
         BQ, BK, TY = bwd_tiles(D, False)
@@ -224,7 +225,7 @@ def _backward_specializations(dts) -> list:
                     specs.append(dict(base, kernel=kernel + "+mods",
                                       factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY, SOFTCAP=True, ALIBI=True),
                                       spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY} softcap+alibi"))
-    from paged_numba.runtime.cuda import mma_bwd_tiles
+    from paged_numba.runtime.cuda.plan import mma_bwd_tiles
     for D in HEAD_DIMS:   # the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128
         if D % 16 or D > 128:
             continue

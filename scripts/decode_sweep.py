@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def main():
@@ -39,7 +43,8 @@ def main():
     import paged_numba as pn
     from paged_numba.kernels.cuda.paged_decode import decode_kernel, merge_kernel
     from paged_numba.ops.config import fwd_config, fwd_fp8_config
-    from paged_numba.runtime import cuda as rcuda
+    from paged_numba.runtime.cuda import plan as geo
+    from timing import kernel_time, numba_events, time_events
 
     try:
         import torch
@@ -60,17 +65,7 @@ def main():
         tk = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
         tv = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
         f = torch.nn.functional.scaled_dot_product_attention
-        f(tq, tk, tv, enable_gqa=True)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            s.record()
-            for _ in range(20):
-                f(tq, tk, tv, enable_gqa=True)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e-3 / 20)
-        t = float(np.median(times))
+        t = time_events(torch, lambda: f(tq, tk, tv, enable_gqa=True), 100)[0]
         kvb = 2 * tk.numel() * 2
         print(f"torch SDPA contiguous bf16: {t * 1e6:8.1f} us  {kvb / t / 1e12:5.2f} TB/s", flush=True)
     for kvn in args.kv:
@@ -80,29 +75,28 @@ def main():
         cfg = (fwd_fp8_config if kvn == "fp8" else fwd_config)(q, k, v, table)
         client = rt.client
         kd = cfg.kv_dtype
-        wdt = rcuda._word_dtype(D * kd.itemsize)
+        wdt = geo.word_dtype(D * kd.itemsize)
         W = D * kd.itemsize // wdt.itemsize
         dq = cuda.to_device(q.view(np.uint16))
         kw = cuda.to_device(k.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
         vw = cuda.to_device(v.view(kd.storage)).view(wdt).reshape(N * bs * Hkv * W)
-        meta = client._metadata(cfg)
+        meta = client.prepare_plan(cfg, own=False).meta
         _, sh, si = cfg.row_layout()
         dq = dq.reshape(B * H, D)
         out = cuda.device_array((B * H, D), np.uint16)
         lse = cuda.device_array(B * H, np.float32)
         slopes = meta.slopes
         kv_bytes = 2 * N * bs * Hkv * D * kd.itemsize
-        start, stop = cuda.event(), cuda.event()
         print(f"B{B} H{H}/{Hkv} D{D} L{L} {kvn}: {kv_bytes / 1e6:.0f} MB of K/V", flush=True)
         grid = ([tuple(int(x) for x in c.split(",")) for c in args.cfg] if args.cfg else
                 itertools.product(args.tt, args.nt, args.maxreg, args.pt, args.epl))
         ref = None
         for TT, NT, MAXREG, PT, epl in grid:
-            TX = rcuda._tpg(D, W, rt.simulator, epl)
-            R = rcuda._decode_rows(cfg.G)
+            TX = geo.lanes_per_row(D, W, rt.simulator, epl)
+            R = geo.decode_rows(cfg.G)
             PT = min(PT, 1 << (L - 1).bit_length())
             n_parts = -(-L // PT)
-            rows_blocks = B * Hkv * -(-cfg.G // R)
+            rows_blocks = geo.decode_row_blocks(B, Hkv, cfg.G)
             po = cuda.device_array((B, H, 1, n_parts, D), np.float32)
             pml = cuda.device_array((B, H, 1, n_parts, 2), np.float32)
             tag = f"TT={TT:3d} NT={NT:4d} MAXREG={MAXREG:3d} PT={PT:5d} EPL={epl:2d} TX={TX:2d}"
@@ -112,38 +106,21 @@ def main():
             except AssertionError:
                 print(f"{tag}: not a valid geometry", flush=True)
                 continue
-            merge = merge_kernel(D, cfg.q_dtype.code, 128)
+            MT = geo.merge_threads(D, rt.simulator)
+            merge = merge_kernel(D, cfg.q_dtype.code, MT)
 
             def launch():
                 kern[(rows_blocks, n_parts), NT](dq, kw, vw, meta.table, meta.lens, meta.work, bs, Hkv, H, sh, si,
                                                  cfg.scale, 1.0, False, -1, 0.0, slopes, out, lse, po, pml,
                                                  meta.flag)
                 if n_parts > 1:
-                    merge[B * H, 128](po, pml, meta.work, sh, si, 1.0, out, lse)
+                    merge[B * H, MT](po, pml, meta.work, sh, si, 1.0, out, lse)
 
             def elapsed(reps=args.reps, runs=args.runs):
                 launch()
                 cuda.synchronize()
-                if torch is not None:  # kernel time from the profiler's CUPTI trace
-                    from torch.autograd import DeviceType
-                    from torch.profiler import ProfilerActivity, profile
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(reps):
-                            launch()
-                        cuda.synchronize()
-                    us = [e.time_range.elapsed_us() for e in prof.events()
-                          if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
-                    if us:
-                        return sum(us) * 1e-6 / reps
-                times = []
-                for _ in range(runs):
-                    start.record()
-                    for _ in range(reps):
-                        launch()
-                    stop.record()
-                    stop.synchronize()
-                    times.append(cuda.event_elapsed_time(start, stop) * 1e-3 / reps)
-                return float(np.median(times))
+                t = kernel_time(torch, launch, reps, cuda.synchronize)   # CUPTI, when torch is there
+                return t if t is not None else numba_events(cuda, launch, reps, runs)
 
             try:
                 t = elapsed()

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     if args.tiles:
         tiles = tuple(int(x) for x in args.tiles.split(","))
-        cuda_rt.mma_tiles = lambda D, sim, fp8=False, window=False: tiles
+        cuda_rt.plan.mma_tiles = lambda D, sim, *a, **kw: tiles
     B, H, Hkv, S, D, bs = 4, 32, 8, 4096, 128, 16
     rng = np.random.default_rng(0)
     M = S // bs

@@ -54,7 +54,7 @@ def tiles(request, monkeypatch):
     8 warps halved)."""
     if getattr(request, "param", "default") != "default":
         from paged_numba.runtime import cuda as cuda_rt
-        monkeypatch.setattr(cuda_rt, "mma_bwd_tiles",
+        monkeypatch.setattr(cuda_rt.plan, "mma_bwd_tiles",
                             lambda D, s, window=False, vred=True: (2, 32, 0) if s else (4, 32, 0))
     return request.param
 

@@ -50,7 +50,7 @@ def tiles(request, monkeypatch):
     if request.param != "default":
         from paged_numba.runtime import cuda as cuda_rt
         sim = pn.get_runtime("cuda").simulator
-        monkeypatch.setattr(cuda_rt, "mma_tiles", lambda D, s, fp8=False, window=False, mods=False: (2, 1, 16) if sim else (4, 1, 64))
+        monkeypatch.setattr(cuda_rt.plan, "mma_tiles", lambda D, s, *a, **kw: (2, 1, 16) if sim else (4, 1, 64))
     return request.param
 
 

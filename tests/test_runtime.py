@@ -99,7 +99,7 @@ def test_import_does_not_import_numba_cuda_under_simulator():
 
 
 def test_cpu_runtime_does_not_import_numba_cuda():
-    """Only runtime/cuda.py may import numba.cuda: running the cpu forward must not."""
+    """Only runtime/cuda/ may import numba.cuda: running the cpu forward must not."""
     # Sq = 0: the cpu client and its kernel module load, nothing compiles (kept cheap; the
     # compiled path is checked by test_cpu_kernel_cache_is_reused).
     run_python(

@@ -8,8 +8,9 @@ what this runner does not implement, saying what), dequantizes every weight once
 builds the tokenizer. ``LlamaModel.forward(cache, items)`` runs one step for a batch of sequences:
 each item is (sequence id, the new token ids, their slots from ``cache.reserve``, whether logits are
 wanted); the new tokens' K/V go into every layer's pools with ``write_kv``, attention reads them
-through the block table with ``paged_attention_fwd`` (one decode call for all one-token items, one
-causal call per longer item), then RMSNorm, SwiGLU and the tied output projection.
+through the block table with plans (``plan_attention``, made once per step: one for all one-token
+items, one causal plan per longer item; every layer runs them on its pools), then RMSNorm, SwiGLU
+and the tied output projection.
 
 The matmuls are NumPy (BLAS) float32; the attention and the cache writes are the paged ops. During
 a step the paged ops run on one numba thread (``numba.set_num_threads(1)``, restored afterwards):
@@ -32,7 +33,7 @@ import contextlib
 import numba
 import numpy as np
 
-from ..ops import paged_attention_fwd, write_kv
+from ..ops import plan_attention, write_kv
 from ..tensor import tensor
 from .tokenizer import Tokenizer
 
@@ -244,7 +245,11 @@ class LlamaModel:
             if want:
                 last_rows[i] = row + T - 1
             row += T
-        meta_dec = (n_dec, *cache.block_table(dec_ids)) if n_dec else None
+        # One plan per step for the decode rows and one per prompt chunk, run by every layer.
+        bs = cache.block_size
+        plan_kw = dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=bs, causal=True, runtime=cache.runtime)
+        meta_dec = (n_dec, plan_attention(*cache.block_table(dec_ids), q_len=1, **plan_kw)) if n_dec else None
+        meta_pf = [(a, b, plan_attention(table, lens, q_len=b - a, **plan_kw)) for a, b, table, lens in meta_pf]
         pos = np.concatenate(pos)
         if pos.size and pos.max() >= c.context_length:
             raise ValueError(f"items: position {int(pos.max())} is past the context length {c.context_length}")
@@ -282,17 +287,17 @@ class LlamaModel:
     @staticmethod
     def _attention(k_pool, v_pool, q, meta_dec, meta_pf, rt):
         """The step's attention, in one place: q [T, H, D] (decode rows first) -> [T, H * D].
-        Decode rows: one call with q [B, H, 1, D]; each longer item: one causal call with q
-        [1, H, T_i, D]. (A ragged call over cu_seqlens_q would replace both.)"""
+        Decode rows: one run of the step's decode plan with q [B, H, 1, D]; each longer item: one
+        run of its causal plan with q [1, H, T_i, D]. (A ragged plan over cu_seqlens_q would
+        replace both.)"""
         T, H, D = q.shape
         out = np.empty((T, H * D), np.float32)
         if meta_dec is not None:
-            n, table, lens = meta_dec
-            o, _ = paged_attention_fwd(tensor(np.ascontiguousarray(q[:n]).reshape(n, H, 1, D), rt), k_pool, v_pool,
-                                       table, seq_lens=lens, causal=True)
+            n, plan = meta_dec
+            o, _ = plan.run(tensor(np.ascontiguousarray(q[:n]).reshape(n, H, 1, D), rt), k_pool, v_pool)
             out[:n] = o.numpy().reshape(n, H * D)
-        for a, b, table, lens in meta_pf:
+        for a, b, plan in meta_pf:
             qs = np.ascontiguousarray(q[a:b].transpose(1, 0, 2))[None]
-            o, _ = paged_attention_fwd(tensor(qs, rt), k_pool, v_pool, table, seq_lens=lens, causal=True)
+            o, _ = plan.run(tensor(qs, rt), k_pool, v_pool)
             out[a:b] = o.numpy()[0].transpose(1, 0, 2).reshape(b - a, H * D)
         return out

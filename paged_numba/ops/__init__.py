@@ -1,67 +1,20 @@
 """The functional API: NumPy arrays in -> NumPy arrays out; Tensors in -> Tensors out.
 
 Each op validates once (``ops/config.py``), moves NumPy inputs onto the runtime, calls the
-runtime's client, and hands results back in the form the inputs came in. ``block_table`` and
+runtime's client, and hands results back in the form the inputs came in. The attention ops are a
+plan (``ops/plan.py``, ``pn.plan_attention``) and one run of it. ``block_table`` and
 ``seq_lens`` are host-side metadata and may be NumPy arrays (or lists) whatever the runtime.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import DType, from_storage, to_storage
-from ..runtime import get_runtime
+from ..dtypes import DType, to_storage
 from ..tensor import Tensor
 from .config import (bwd_config, fwd_config, fwd_fp8_config, merge_state_config, merge_states_config,
                      write_kv_config)
-
-
-def _pick_runtime(arrays: dict, runtime):
-    """(runtime, tensors_in) for the data arguments ``arrays`` (name -> value)."""
-    tensors = {n: a for n, a in arrays.items() if isinstance(a, Tensor)}
-    if tensors:
-        if len(tensors) != len(arrays):
-            plain = next(n for n in arrays if n not in tensors)
-            first = next(iter(tensors))
-            raise ValueError(f"{plain}: expected a pn.Tensor like {first}, got {type(arrays[plain]).__name__} "
-                             "(pass all data arguments as Tensors, or all as NumPy arrays)")
-        rts = {id(t.runtime): t.runtime for t in tensors.values()}
-        if len(rts) > 1:
-            where = ", ".join(f"{n} on {t.runtime.name!r}" for n, t in tensors.items())
-            raise ValueError(f"inputs are on different runtimes ({where}); move them with .to()")
-        rt = next(iter(rts.values()))
-        if runtime is not None and get_runtime(runtime) is not rt:
-            raise ValueError(f"runtime: {get_runtime(runtime).name!r} given, but the inputs are on {rt.name!r}")
-        return rt, True
-    return get_runtime(runtime), False
-
-
-def _require_score_mods(rt, cfg, op="fwd"):
-    """A runtime whose client does not declare ``supports_score_mods`` (True, or the ops that have
-    them, e.g. ``("fwd",)``) runs plain calls only."""
-    sup = getattr(rt.client, "supports_score_mods", False)
-    if cfg.plain or sup is True or (not isinstance(sup, bool) and op in sup):
-        return
-    used = [name for name, on in (("cu_seqlens_q", cfg.ragged), ("window_left", cfg.window_left >= 0),
-                                  ("softcap", cfg.softcap != 0.0), ("alibi_slopes", cfg.alibi_slopes is not None))
-            if on]
-    raise NotImplementedError(f"{', '.join(used)}: not yet on the {rt.name} runtime (use runtime='cuda')")
-
-
-def _storage(x, dt: DType, rt):
-    """Storage of ``x`` on ``rt`` (zero-copy for Tensors and contiguous NumPy arrays on cpu)."""
-    if isinstance(x, Tensor):
-        return x.storage
-    arr = np.asarray(x)
-    if arr.dtype != dt.storage:
-        arr = arr.astype(dt.numpy, copy=False).view(dt.storage)
-    return rt.from_host(np.ascontiguousarray(arr))
-
-
-def _wrap(storage, dt: DType, rt, as_tensor: bool):
-    if as_tensor:
-        return Tensor(storage, dt, rt)
-    host = storage if isinstance(storage, np.ndarray) else rt.to_host(storage)
-    return from_storage(host, dt)
+from .io import _pick_runtime, _require_score_mods, _storage, _wrap
+from .plan import AttentionPlan, one_shot, plan_attention
 
 
 def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
@@ -89,10 +42,10 @@ def paged_attention_fwd(q, k_blocks, v_blocks, block_table, num_heads=None, num_
                      cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
                      alibi_slopes=alibi_slopes)
     _require_score_mods(rt, cfg)
-    out, lse = rt.client.run_fwd(
-        cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
-        _storage(v_blocks, cfg.kv_dtype, rt))
-    return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
+    plan = one_shot(cfg, rt)
+    res = plan._forward("run_fwd", cfg, q, k_blocks, v_blocks, None, None, as_tensor)
+    plan.check()
+    return res
 
 
 def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
@@ -114,10 +67,10 @@ def paged_attention_fwd_fp8(q, k_blocks, v_blocks, block_table, num_heads=None, 
                          seq_lens=seq_lens, scale=scale, fp8_format=fp8_format, cu_seqlens_q=cu_seqlens_q,
                          window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
     _require_score_mods(rt, cfg)
-    out, lse = rt.client.run_fwd_fp8(
-        cfg, _storage(q, cfg.q_dtype, rt), _storage(k_blocks, cfg.kv_dtype, rt),
-        _storage(v_blocks, cfg.kv_dtype, rt))
-    return _wrap(out, cfg.q_dtype, rt, as_tensor), _wrap(lse, DType.F32, rt, as_tensor)
+    plan = one_shot(cfg, rt)
+    res = plan._forward("run_fwd_fp8", cfg, q, k_blocks, v_blocks, None, None, as_tensor)
+    plan.check()
+    return res
 
 
 def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
@@ -135,11 +88,7 @@ def paged_attention_bwd(dout, q, k_blocks, v_blocks, output, lse, block_table, n
                      cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
                      alibi_slopes=alibi_slopes)
     _require_score_mods(rt, cfg, "bwd")
-    qd, kd = cfg.q_dtype, cfg.kv_dtype
-    dq, dk, dv = rt.client.run_bwd(
-        cfg, _storage(dout, qd, rt), _storage(q, qd, rt), _storage(k_blocks, kd, rt),
-        _storage(v_blocks, kd, rt), _storage(output, qd, rt), _storage(lse, DType.F32, rt))
-    return (_wrap(dq, qd, rt, as_tensor), _wrap(dk, kd, rt, as_tensor), _wrap(dv, kd, rt, as_tensor))
+    return one_shot(cfg, rt)._backward(cfg, dout, q, k_blocks, v_blocks, output, lse, as_tensor)
 
 
 def write_kv(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_scale=1.0, fp8_format=None,
@@ -202,5 +151,5 @@ def merge_states(v, s, *, runtime=None):
     return _wrap(vo, cfg.dtype, rt, as_tensor), _wrap(so, DType.F32, rt, as_tensor)
 
 
-__all__ = ["merge_state", "merge_states", "paged_attention_bwd", "paged_attention_fwd",
+__all__ = ["AttentionPlan", "plan_attention", "merge_state", "merge_states", "paged_attention_bwd", "paged_attention_fwd",
            "paged_attention_fwd_fp8", "write_kv"]

@@ -28,6 +28,7 @@ from ..tensor import Tensor
 FLOAT_TYPES = (DType.F32, DType.F16, DType.BF16)
 _F32_MAX = float(np.finfo(np.float32).max)
 DECODE_MAX_Q = 4     # a sequence with at most this many queries takes the decode path
+PLAN_N = 2 ** 31 - 1  # a plan's pool size until it runs (entries are checked against N then)
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +215,8 @@ def _qkv_shapes(q, k_blocks, v_blocks):
 
 
 def _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs):
+    """(int32 table [B, M] with unread entries zeroed, int32 lens [B], M); ``N=None`` (a plan, whose
+    pools come later) checks only that the entries read are not negative."""
     bt = _host_ints(block_table, "block_table")
     if bt.ndim != 2 or bt.shape[0] != B:
         raise ValueError(f"block_table: expected 2-D [B={B}, M], got shape {bt.shape}")
@@ -238,10 +241,11 @@ def _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs):
         lens = np.full(B, cap if seq_len_k is None else seq_len_k, np.int32)
     nblk = (lens.astype(np.int64) + bs - 1) // bs
     used = np.arange(M)[None, :] < nblk[:, None]
-    bad = used & ((bt < 0) | (bt >= N))
+    bad = used & ((bt < 0) | (bt >= N)) if N is not None else used & (bt < 0)
     if bad.any():
         b, j = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(bt[b, j])} is outside the pool [0, {N}) "
+        pool = f"the pool [0, {N})" if N is not None else "[0, N) (block ids are never negative)"
+        raise ValueError(f"block_table[{b}, {j}] = {int(bt[b, j])} is outside {pool} "
                          f"(sequence {b} has {int(lens[b])} tokens, so logical block {j} is read)")
     table = np.where(used, bt, 0).astype(np.int32)
     return np.ascontiguousarray(table), lens, M
@@ -331,7 +335,7 @@ def _ragged_q(q, cu_seqlens_q, seq_lens):
 
 
 def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_lens, scale,
-            cu_seqlens_q=None, window_left=-1, softcap=0.0, alibi_slopes=None):
+            cu_seqlens_q=None, window_left=-1, softcap=0.0, alibi_slopes=None, plan=False):
     cu = None
     if cu_seqlens_q is not None:
         (T, H, D), cu = _ragged_q(q, cu_seqlens_q, seq_lens)
@@ -342,11 +346,12 @@ def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_l
         qlens = np.diff(cu)
         Sq = int(qlens.max(initial=0))
         B = cu.size - 1
-        _, _, _, _, N, bs, Hkv, kv_3d = _qkv_shapes(_Shape((B, H, Sq, D)), k_blocks, v_blocks)
+        _, _, _, _, n_pool, bs, Hkv, kv_3d = _qkv_shapes(_Shape((B, H, Sq, D)), k_blocks, v_blocks)
     else:
-        B, H, Sq, D, N, bs, Hkv, kv_3d = _qkv_shapes(q, k_blocks, v_blocks)
+        B, H, Sq, D, n_pool, bs, Hkv, kv_3d = _qkv_shapes(q, k_blocks, v_blocks)
         T = B * Sq
         qlens = np.full(B, Sq, np.int64)
+    N = None if plan else n_pool      # a plan: entries are checked against the pool when it runs
     _check_params(params, H, Hkv, Sq, D, bs)
     causal = _check_causal(causal)
     scale = 1.0 / math.sqrt(D) if scale is None else _finite(scale, "scale")
@@ -356,6 +361,8 @@ def _common(q, k_blocks, v_blocks, block_table, params, seq_len_k, causal, seq_l
     softcap = _softcap(softcap)
     slopes = _alibi(alibi_slopes, H)
     table, lens, M = _table_and_lens(block_table, seq_lens, seq_len_k, B, N, bs)
+    if N is None:
+        N = PLAN_N
     if cu is not None:
         over = np.flatnonzero(qlens > lens)
         if over.size:
@@ -386,11 +393,8 @@ class _Shape:
 
 # ------------------------------------------------------------------------------ entry points
 
-def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
-               seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
-               *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
-               alibi_slopes=None) -> PagedAttnConfig:
-    """Config of ``paged_attention_fwd``: q, k_blocks, v_blocks all F32, all F16 or all BF16."""
+def fwd_dtypes(q, k_blocks, v_blocks) -> tuple:
+    """(q dtype, kv dtype) of ``paged_attention_fwd``: all F32, all F16 or all BF16."""
     qd = _float_dtype(q, "q")
     kd = _float_dtype(k_blocks, "k_blocks")
     vd = _float_dtype(v_blocks, "v_blocks")
@@ -398,6 +402,15 @@ def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=
         if dt != qd:
             raise TypeError(f"{name}: expected q's dtype {qd.value}, got {dt.value} "
                             "(mixed dtypes are not supported; cast one side)")
+    return qd, kd
+
+
+def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
+               seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
+               *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
+               alibi_slopes=None) -> PagedAttnConfig:
+    """Config of ``paged_attention_fwd``: q, k_blocks, v_blocks all F32, all F16 or all BF16."""
+    qd, kd = fwd_dtypes(q, k_blocks, v_blocks)
     mods = dict(cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
     fields = _common(q, k_blocks, v_blocks, block_table,
                      (num_heads, num_kv_heads, seq_len_q, head_dim, block_size),
@@ -420,12 +433,9 @@ def _fp8_kv_dtype(x, name, fmt) -> DType:
                     f"got {_dtype_name(dt, npdt)}{hint}")
 
 
-def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
-                   seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
-                   q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0,
-                   *, seq_lens=None, scale=None, fp8_format=None, cu_seqlens_q=None, window_left=-1,
-                   softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
-    """Config of ``paged_attention_fwd_fp8``: FP8 K/V of one format; q FP8 of it, or F32/F16/BF16."""
+def fp8_dtypes(q, k_blocks, v_blocks, fp8_format=None) -> tuple:
+    """(q dtype, kv dtype) of ``paged_attention_fwd_fp8``: FP8 K/V of one format; q FP8 of it, or
+    F32 / F16 / BF16."""
     fmt = None if fp8_format is None else fp8_dtype(fp8_format)
     kd = _fp8_kv_dtype(k_blocks, "k_blocks", fmt)
     vd = _fp8_kv_dtype(v_blocks, "v_blocks", fmt)
@@ -440,8 +450,23 @@ def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_he
         qd = kd
     else:
         raise TypeError(f"q: expected f32, f16, bf16 or {kd.value}, got {_dtype_name(qdt, qnp)}")
-    scales = {n: _finite(s, n, positive=True) for n, s in
-              (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("o_scale", o_scale))}
+    return qd, kd
+
+
+def fp8_scales(q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0) -> dict:
+    """The FP8 op's dequantization scales, each a finite number > 0."""
+    return {n: _finite(s, n, positive=True) for n, s in
+            (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("o_scale", o_scale))}
+
+
+def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=None,
+                   seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None, causal=False,
+                   q_scale=1.0, k_scale=1.0, v_scale=1.0, o_scale=1.0,
+                   *, seq_lens=None, scale=None, fp8_format=None, cu_seqlens_q=None, window_left=-1,
+                   softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
+    """Config of ``paged_attention_fwd_fp8``: FP8 K/V of one format; q FP8 of it, or F32/F16/BF16."""
+    qd, kd = fp8_dtypes(q, k_blocks, v_blocks, fp8_format)
+    scales = fp8_scales(q_scale, k_scale, v_scale, o_scale)
     fields = _common(q, k_blocks, v_blocks, block_table,
                      (num_heads, num_kv_heads, seq_len_q, head_dim, block_size),
                      seq_len_k, causal, seq_lens, scale, cu_seqlens_q=cu_seqlens_q,
@@ -449,16 +474,8 @@ def fwd_fp8_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_he
     return PagedAttnConfig(q_dtype=qd, kv_dtype=kd, **fields, **scales)
 
 
-def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
-               num_kv_heads=None, seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None,
-               causal=False, *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1,
-               softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
-    """Config of ``paged_attention_bwd``: the forward's checks, plus dout / output like q and
-    lse float32 [B, H, Sq] ([T, H] when ragged)."""
-    cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
-                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
-                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
-                     alibi_slopes=alibi_slopes)
+def bwd_arrays(cfg, dout, output, lse) -> None:
+    """The backward's own checks: dout / output like q, lse float32 [B, H, Sq] ([T, H] when ragged)."""
     for name, x in (("dout", dout), ("output", output)):
         shape, dt, npdt = _shape_dtype(x, name)
         if shape != cfg.q_shape:
@@ -471,7 +488,96 @@ def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=
         raise ValueError(f"lse: expected shape {what} = {cfg.lse_shape}, got {shape}")
     if dt != DType.F32:
         raise TypeError(f"lse: expected dtype f32 (as the forward returns it), got {_dtype_name(dt, npdt)}")
+
+
+def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=None,
+               num_kv_heads=None, seq_len_q=None, seq_len_k=None, head_dim=None, block_size=None,
+               causal=False, *, seq_lens=None, scale=None, cu_seqlens_q=None, window_left=-1,
+               softcap=0.0, alibi_slopes=None) -> PagedAttnConfig:
+    """Config of ``paged_attention_bwd``: the forward's checks, plus dout / output like q and
+    lse float32 [B, H, Sq] ([T, H] when ragged)."""
+    cfg = fwd_config(q, k_blocks, v_blocks, block_table, num_heads, num_kv_heads, seq_len_q,
+                     seq_len_k, head_dim, block_size, causal, seq_lens=seq_lens, scale=scale,
+                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
+    bwd_arrays(cfg, dout, output, lse)
     return cfg
+
+
+# ------------------------------------------------------------------------------ plans
+
+def _positive_int(value, name, *, minimum=1) -> int:
+    value = _as_int(value, name)
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def plan_config(block_table, seq_lens=None, *, num_heads, num_kv_heads, head_dim, block_size, q_len=1,
+                causal=False, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
+                alibi_slopes=None) -> PagedAttnConfig:
+    """The config of a plan (``pn.plan_attention``): every check of the ops that does not need the
+    data -- the table's entries are checked against the pool size N when the plan runs, so the
+    config's ``N`` is ``PLAN_N`` (no pool yet) and its dtypes are placeholders (F32)."""
+    H = _positive_int(num_heads, "num_heads")
+    Hkv = _positive_int(num_kv_heads, "num_kv_heads")
+    D = _positive_int(head_dim, "head_dim")
+    bs = _positive_int(block_size, "block_size")
+    if H % Hkv != 0:
+        raise ValueError(f"num_heads {H} must be a multiple of num_kv_heads {Hkv}")
+    bt = _host_ints(block_table, "block_table")
+    if bt.ndim != 2:
+        raise ValueError(f"block_table: expected 2-D [B, M], got shape {bt.shape}")
+    B = bt.shape[0]
+    pools = _Shape((PLAN_N, bs, Hkv, D))
+    if cu_seqlens_q is not None:
+        if q_len != 1:
+            raise ValueError(f"q_len: leave it at 1 with cu_seqlens_q (the offsets give each sequence's "
+                             f"queries), got {q_len}")
+        cu = _host_ints(cu_seqlens_q, "cu_seqlens_q")
+        T = int(cu[-1]) if cu.ndim == 1 and cu.size else 0
+        q = _Shape((T, H, D))
+    else:
+        q = _Shape((B, H, _positive_int(q_len, "q_len", minimum=0), D))
+    fields = _common(q, pools, pools, block_table, (None,) * 5, None, causal, seq_lens, scale,
+                     cu_seqlens_q=cu_seqlens_q, window_left=window_left, softcap=softcap,
+                     alibi_slopes=alibi_slopes, plan=True)
+    return PagedAttnConfig(q_dtype=DType.F32, kv_dtype=DType.F32, **fields)
+
+
+def plan_q(cfg, x, name="q") -> None:
+    """A run's q (or dout / output) against the plan's shape."""
+    shape, _, _ = _shape_dtype(x, name)
+    if tuple(shape) != cfg.q_shape:
+        what = "[T, H, D]" if cfg.ragged else "[B, H, Sq, D]"
+        raise ValueError(f"{name}: expected the plan's shape {what} = {cfg.q_shape}, got {tuple(shape)}")
+
+
+def plan_pools(cfg, k_blocks, v_blocks) -> tuple:
+    """(N, kv_3d) of a run's pools, checked against the plan's block size, KV heads and head dim."""
+    ks = _pool_shape(k_blocks, v_blocks)
+    got = (ks[1], 1, ks[2]) if len(ks) == 3 else tuple(ks[1:])
+    if got != (cfg.bs, cfg.Hkv, cfg.D):
+        alt = " (or [N, bs, D])" if cfg.Hkv == 1 else ""
+        raise ValueError(f"k_blocks: expected the plan's [N, bs={cfg.bs}, Hkv={cfg.Hkv}, D={cfg.D}]{alt}, "
+                         f"got shape {tuple(ks)}")
+    return int(ks[0]), len(ks) == 3
+
+
+def max_block_read(cfg) -> int:
+    """The largest physical block id the config's sequences read (-1 when none is read)."""
+    nblk = (cfg.seq_lens.astype(np.int64) + cfg.bs - 1) // cfg.bs
+    used = np.arange(cfg.M)[None, :] < nblk[:, None]
+    return int(cfg.block_table[used].max()) if used.any() else -1
+
+
+def first_block_outside(cfg, N: int) -> str:
+    """The error message of the ops for the first table entry read that is >= N (row-major)."""
+    nblk = (cfg.seq_lens.astype(np.int64) + cfg.bs - 1) // cfg.bs
+    used = np.arange(cfg.M)[None, :] < nblk[:, None]
+    b, j = (int(i) for i in np.argwhere(used & (cfg.block_table >= N))[0])
+    return (f"block_table[{b}, {j}] = {int(cfg.block_table[b, j])} is outside the pool [0, {N}) "
+            f"(sequence {b} has {int(cfg.seq_lens[b])} tokens, so logical block {j} is read)")
 
 
 # ------------------------------------------------------------------------------ write_kv
@@ -663,5 +769,5 @@ def _same_memory(a, b) -> bool:
     return a is b
 
 
-__all__ = ["DECODE_MAX_Q", "FP8_MAX", "MergeConfig", "PagedAttnConfig", "WriteKVConfig", "bwd_config",
-           "fwd_config", "fwd_fp8_config", "merge_state_config", "merge_states_config", "write_kv_config"]
+__all__ = ["DECODE_MAX_Q", "FP8_MAX", "PLAN_N", "first_block_outside", "max_block_read", "plan_config", "plan_pools", "plan_q", "MergeConfig", "PagedAttnConfig", "WriteKVConfig", "bwd_config",
+           "fwd_config", "fwd_fp8_config", "bwd_arrays", "fp8_dtypes", "fp8_scales", "fwd_dtypes", "merge_state_config", "merge_states_config", "write_kv_config"]

@@ -33,6 +33,13 @@ class Client:
     The public methods have the signatures of the module-level functions and run on this client's
     runtime. A backend implements the ``run_*`` methods: they receive a validated
     ``PagedAttnConfig`` and storage arrays on this runtime, never re-check, and return new arrays.
+
+    Plans (``pn.plan_attention``): a client with ``supports_plans = True`` takes the keywords
+    ``out=`` / ``lse=`` (storage to write into and return) and ``state=`` (what its optional
+    ``prepare_plan(cfg, stream=, own=, check_finite=)`` returned) in ``run_fwd`` / ``run_fwd_fp8``
+    (``state=`` in ``run_bwd``); optional ``check_plan(state, cfg)``, ``synchronize_plan(state)``
+    and ``begin_capture(state)`` back ``plan.check()``, ``plan.synchronize()`` and
+    ``plan.capture()``. A client without them still runs plans: results are copied into ``out=``.
     """
 
     runtime: "Runtime"

@@ -45,18 +45,34 @@ def readonly(x: np.ndarray) -> np.ndarray:
 
 class CpuClient(Client):
     supports_score_mods = ("fwd",)  # ragged / window / softcap / ALiBi: forward only (not the backward yet)
+    supports_plans = True           # run_* take out= / lse= buffers and a plan's state (None here)
 
     def __init__(self, runtime):
         self.runtime = runtime
 
-    def run_fwd(self, cfg, q, k, v):
-        return self._forward(cfg, q, k, v, cfg.scale, 1.0)
+    def run_fwd(self, cfg, q, k, v, *, out=None, lse=None, state=None):
+        return self._forward(cfg, q, k, v, cfg.scale, 1.0, out, lse)
 
-    def run_fwd_fp8(self, cfg, q, k, v):
+    def run_fwd_fp8(self, cfg, q, k, v, *, out=None, lse=None, state=None):
         # Dequantization scales fold into the score scale and the output scale.
-        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale)
+        return self._forward(cfg, q, k, v, cfg.scale * cfg.q_scale * cfg.k_scale, cfg.v_scale / cfg.o_scale,
+                             out, lse)
 
-    def _forward(self, cfg, q, k, v, qk_scale, out_scale):
+    @staticmethod
+    def _buffers(cfg, out, lse):
+        """(float32 out the kernel writes, lse): ``out`` itself when it is float32 storage."""
+        o32 = out if out is not None and out.dtype == np.float32 else np.empty(cfg.q_shape, np.float32)
+        return o32, (lse if lse is not None else np.empty(cfg.lse_shape, np.float32))
+
+    @staticmethod
+    def _result(o32, out, cfg):
+        res = encode_f32(o32, cfg.q_dtype)
+        if out is None or res is out:
+            return res
+        out[...] = res
+        return out
+
+    def _forward(self, cfg, q, k, v, qk_scale, out_scale, out_buf=None, lse_buf=None):
         from ..kernels.cpu.paged_attention import fwd_kernel, n_items, uses_gemm
 
         # A window that hides no key (window_left >= L - 1 everywhere) on a dense, unmodified call is
@@ -64,9 +80,8 @@ class CpuClient(Client):
         window_only = (not cfg.ragged and cfg.softcap == 0.0 and cfg.alibi_slopes is None
                        and bool((cfg.seq_lens.astype(np.int64) - 1 <= cfg.window_left).all()))
         if not (cfg.plain or window_only):
-            return self._forward_mods(cfg, q, k, v, qk_scale, out_scale)
-        out = np.empty(cfg.q_shape, np.float32)
-        lse = np.empty(cfg.q_shape[:3], np.float32)
+            return self._forward_mods(cfg, q, k, v, qk_scale, out_scale, out_buf, lse_buf)
+        out, lse = self._buffers(cfg, out_buf, lse_buf)
         if out.size:
             B, H, Sq, D = cfg.q_shape
             Hkv = cfg.kv_shape[2]
@@ -80,13 +95,12 @@ class CpuClient(Client):
             check_overflow(lse, cfg)
         elif lse.size:
             lse.fill(-np.inf)
-        return encode_f32(out, cfg.q_dtype), lse
+        return self._result(out, out_buf, cfg), lse
 
-    def _forward_mods(self, cfg, q, k, v, qk_scale, out_scale):
+    def _forward_mods(self, cfg, q, k, v, qk_scale, out_scale, out_buf=None, lse_buf=None):
         from ..kernels.cpu.paged_attention import fwd_mods_kernel, mod_items
 
-        out = np.empty(cfg.q_shape, np.float32)
-        lse = np.empty(cfg.lse_shape, np.float32)
+        out, lse = self._buffers(cfg, out_buf, lse_buf)
         if out.size:
             D = cfg.D
             row0, sh, si = cfg.row_layout()
@@ -108,9 +122,9 @@ class CpuClient(Client):
                 raise ValueError(f"scale: the scores of row {idx} (of lse's shape {lse.shape}) are not finite: "
                                  f"scale * q . k overflows float32 (scale={cfg.scale:g}) or q / k_blocks hold "
                                  "inf or NaN in tokens that are read")
-        return encode_f32(out, cfg.q_dtype), lse
+        return self._result(out, out_buf, cfg), lse
 
-    def run_bwd(self, cfg, dout, q, k, v, out, lse):
+    def run_bwd(self, cfg, dout, q, k, v, out, lse, *, state=None):
         from ..kernels.cpu.paged_attention import LOG2E
         from ..kernels.cpu.paged_attention_bwd import dkdv_kernel, dq_kernel, gemm_ok
 

@@ -37,19 +37,6 @@ from .codecs import decode_bits, encode_bits
 from .paged_decode import ELEM_BITS, LN2, LOG2E, _modify
 
 
-def tile_shape(D: int, sim: bool) -> tuple:
-    """(BQ, BK, NT) for head_dim D: the largest tiles whose shared memory stays under 46 KB and
-    whose per-thread output tile stays at most 64 registers."""
-    if sim:
-        return 8, 8, 32
-    DT = -(-D // 8)
-    for BQ, BK in ((64, 32), (32, 32), (16, 16)):
-        smem = 4 * ((BQ + BK) * (D + 1) + BQ * (BK + 1) + BQ * 8)
-        if smem <= 46 * 1024 and (BQ // 16) * DT <= 64:
-            return BQ, BK, 128
-    return 16, 8, 128
-
-
 @functools.cache
 def tiled_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, BQ: int, BK: int,
                  NT: int, SOFTCAP: bool = False, ALIBI: bool = False):

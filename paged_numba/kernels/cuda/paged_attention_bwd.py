@@ -49,20 +49,6 @@ from ...dtypes import F32
 from .codecs import decode_bits, encode_bits
 from .paged_decode import LOG2E, _modify
 
-_SMEM_LIMIT = 46 * 1024
-
-
-def bwd_tiles(D: int, sim: bool) -> tuple:
-    """(BQ, BK, TY): query rows and keys per tile, thread rows (NT = 8 * TY threads) -- the largest
-    square tiles whose shared memory (K, V, q, dout tiles, P and dS) fits 46 KB. BK is a multiple
-    of 8 (the score columns) and of TY (the gradient rows), BQ a multiple of TY."""
-    if sim:
-        return 4, 8, 4
-    for t in (32, 16, 8):
-        smem = 4 * (4 * t * (D + 1) + 2 * t * (t + 1) + 2 * t)
-        if smem <= _SMEM_LIMIT or t == 8:
-            return t, t, min(t, 16)
-
 
 @cuda.jit(device=True, inline=True)
 def _to_f32(x, code):
