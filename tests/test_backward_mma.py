@@ -290,7 +290,7 @@ def test_cuda_bwd_mma_ragged_window_gpu(spy, dtype, window, D):
     """Ragged, causal, windows from one key to more than a key tile, GQA 4."""
     B, H, Hkv, bs = 4, 8, 2, 16
     lens = [3, 150, 400, 77]
-    qn = np.array([1, 150, 96, 90])
+    qn = np.array([1, 150, 96, 77])     # 0 < q_len <= L, q_len == L in the last
     rng = np.random.default_rng(seed_of("bwd-mma-ragged-gpu", str(dtype), window, D))
     _, k, v, bt, sl = make_case(rng, B, H, Hkv, 1, D, bs, lens, dtype, shared=True)
     cu = np.concatenate([[0], np.cumsum(qn)]).astype(np.int32)
