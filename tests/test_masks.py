@@ -8,8 +8,7 @@ each. Keys no query can see because of the window are NaN-poisoned too: the kern
 them, not read and mask them. Hypothesis properties: a ragged call equals the per-sequence calls,
 a window >= L equals none, merging the states of two halves of the keys equals the whole.
 
-The cpu runtime runs the forward cases; its backward cases are strict xfails (they raise
-NotImplementedError) and flip to failures, to be unmarked, once it has the kernels.
+Every case runs on every runtime, the backward included.
 """
 from __future__ import annotations
 
@@ -31,12 +30,8 @@ GRAD_TOL_FLOOR = 1e-3   # gradients with softcap / ALiBi: compare relative to ma
 
 
 @pytest.fixture
-def rt(runtime_name, request):
-    """The runtime, with the cpu backward cases marked as strict xfails (the cpu forward has the
-    keywords; its backward does not yet)."""
-    if runtime_name == "cpu" and "backward" in request.node.name:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                                              reason="ragged / window / softcap / ALiBi: no cpu backward yet"))
+def rt(runtime_name):
+    """The runtime under test (every case of this module runs on each)."""
     return runtime_name
 
 
