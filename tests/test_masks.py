@@ -211,6 +211,33 @@ def test_backward_ragged(rt, mods):
     check_bwd(rt, q, k, v, bt, sl, F32, True, dict(cu_seqlens_q=cu, **_kw(mods, 4, rng)))
 
 
+@pytest.mark.parametrize("case", [(2, 2, 6, 16, 4, [13, 6], 2),        # loop path, window < block
+                                  (2, 1, 2, 8, 4, [45, 21], 6),        # decode, window spanning blocks
+                                  (4, 2, 20, 16, 16, [70, 40], 9)],    # GEMM path (bs, D multiples of 16)
+                         ids=["tiled-win2", "decode-win6", "gemm-win9"])
+def test_backward_never_reads_keys_outside_the_window(rt, case):
+    """NaN in every K / V token that no query's window reaches: the backward neither reads them
+    (finite gradients equal to those of clean pools) nor writes their slots (zero)."""
+    H, Hkv, Sq, D, bs, lens, wl = case
+    rng = np.random.default_rng(seed_of("bwd-window-poison", case))
+    q, k, v, bt, sl = make_case(rng, len(lens), H, Hkv, Sq, D, bs, lens, F32)
+    kw = dict(window_left=wl, causal=True, seq_lens=sl)
+    out, lse = pn.paged_attention_fwd(q, k, v, bt, runtime=rt, **kw)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    kp, vp = poison_outside_window(k, v, bt, sl, [Sq] * len(lens), wl)
+    assert np.isnan(kp).sum() > np.isnan(k).sum()          # the case hides some keys
+    got = pn.paged_attention_bwd(dout, q, kp, vp, out, lse, bt, runtime=rt, **kw)
+    clean = pn.paged_attention_bwd(dout, q, k, v, out, lse, bt, runtime=rt, **kw)
+    hidden = np.isnan(kp) & ~np.isnan(k)
+    for name, g, c in zip(("dq", "dk_blocks", "dv_blocks"), got, clean):
+        assert np.isfinite(g).all(), name
+        np.testing.assert_array_equal(g, c, err_msg=name)
+    assert not got[1][hidden].any() and not got[2][hidden].any()
+    refs = paged_attention_bwd_ref(dout, q, k, v, bt, **kw)
+    for g, r in zip(got, refs):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-4)
+
+
 # ------------------------------------------------------------------------------- merge_state(s)
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
