@@ -26,13 +26,16 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and os.environ.get("PAGED_NUMBA_TEST
 
 import pytest  # noqa: E402
 
-from helpers import RUNTIMES, is_sim  # noqa: E402
+from helpers import ALL_RUNTIMES, UNAVAILABLE, is_sim  # noqa: E402
 
 
-@pytest.fixture(params=RUNTIMES)
+@pytest.fixture(params=ALL_RUNTIMES)
 def runtime_name(request) -> str:
-    """Every runtime that starts here: "cpu" always, "cuda" on a GPU or the simulator. On the
-    simulator (seconds per launch) only modules that set ``SIM_OK = True`` -- tiny shapes -- run."""
+    """Every runtime: "cpu" always, "cuda" on a GPU or the simulator -- a lane that cannot start
+    here skips with the runtime's reason (visible with ``-rs``). On the simulator (seconds per
+    launch) only modules that set ``SIM_OK = True`` -- tiny shapes -- run."""
+    if request.param in UNAVAILABLE:
+        pytest.skip(f"runtime {request.param!r} cannot start here: {UNAVAILABLE[request.param]}")
     if is_sim(request.param) and not getattr(request.module, "SIM_OK", False):
         pytest.skip("CUDA simulator: this module's shapes are for real devices (see test_tiny_grid.py)")
     return request.param

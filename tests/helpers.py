@@ -43,18 +43,23 @@ def is_sim(runtime_name: str) -> bool:
     return runtime_name == "cuda" and cudasim_enabled()
 
 
+#: Why a runtime of ALL_RUNTIMES cannot start here (its parametrized cases skip with this reason).
+UNAVAILABLE: dict = {}
+
+
 def _runtimes_to_test() -> list:
     names = ["cpu"]
     try:
         pn.get_runtime("cuda")
-    except pn.RuntimeUnavailableError:
-        pass
+    except pn.RuntimeUnavailableError as exc:
+        UNAVAILABLE["cuda"] = str(exc)
     else:
         names.append("cuda")
     return names
 
 
-RUNTIMES = _runtimes_to_test()
+ALL_RUNTIMES = ["cpu", "cuda"]   # the runtime_name fixture's lanes: each runs, or skips saying why
+RUNTIMES = _runtimes_to_test()   # the runtimes that start here
 
 
 # Work (B * H * Sq * max L * D) above which a case is skipped on the simulator (~1 ms / thread).

@@ -245,6 +245,69 @@ def test_scale_not_finite(op, scale):
     expect(op, ValueError, r"\bscale\b", scale=scale)
 
 
+# ------------------------------------------------------------------- non-finite q and lse
+
+_Q_CASES = [(op, dt) for op in OPS for dt in ("f32", "f16", "bf16")] + [("fp8", "e4m3"), ("fp8", "e5m2")]
+_NP = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16, "e4m3": E4M3, "e5m2": E5M2}
+
+
+@pytest.mark.parametrize("op, dtype", _Q_CASES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_q_not_finite_names_q(op, dtype, bad):
+    """inf / NaN in q is a ValueError naming q and the element, raised by the validation (before any
+    kernel), not a "scale:" error about the scores after it."""
+    if dtype == "e4m3" and np.isinf(bad):
+        bad = float("nan")                 # E4M3 has no infinity: its one non-finite value is NaN
+    a = base(op)
+    names = ("q", "dout", "output", "k_blocks", "v_blocks") if op == "bwd" else ("q", "k_blocks", "v_blocks")
+    if op == "fp8" and dtype in ("f32", "f16", "bf16"):
+        names = ("q",)                     # float q over the E4M3 pool
+    changes = {n: a[n].astype(np.float32).astype(_NP[dtype]) for n in names}
+    q = changes["q"].copy()
+    q[1, 2, 1, 5] = bad
+    changes["q"] = q
+    with pytest.raises(ValueError, match=re.escape("q[1, 2, 1, 5]")) as info:
+        CONFIGS[op](**{**a, **changes})
+    assert str(info.value).startswith("q:"), info.value
+    expect(op, ValueError, r"^q: .*inf or NaN", **changes)
+
+
+def test_q_not_finite_tensor_and_raw_fp8_codes():
+    a = base("fwd")
+    q = a["q"].copy()
+    q[0, 3, 2, 0] = np.nan
+    expect("fwd", ValueError, re.escape("q[0, 3, 2, 0]"), q=pn.tensor(q, runtime="cpu"),
+           k_blocks=pn.tensor(a["k_blocks"], runtime="cpu"), v_blocks=pn.tensor(a["v_blocks"], runtime="cpu"))
+    f = base("fp8")
+    codes = f["q"].astype(E4M3).view(np.uint8).copy()
+    codes[1, 0, 0, 7] = 0xFF                       # E4M3's negative NaN
+    expect("fp8", ValueError, re.escape("q[1, 0, 0, 7]"), q=codes,
+           k_blocks=f["k_blocks"].view(np.uint8), v_blocks=f["v_blocks"].view(np.uint8), fp8_format="e4m3")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_bwd_lse_nan_or_posinf_names_lse(bad):
+    lse = base("bwd")["lse"].copy()
+    lse[1, 3, 2] = bad
+    info = expect("bwd", ValueError, r"^lse: ", lse=lse)
+    assert "lse[1, 2, 2]" not in str(info.value) and "lse[1, 3, 2]" in str(info.value)
+
+
+def test_bwd_lse_rows_of_minus_inf_stay_valid():
+    """-inf is the forward's lse of a row that sees no key: accepted, and the row contributes nothing."""
+    a = base("bwd")
+    out, lse = pn.paged_attention_fwd(a["q"], a["k_blocks"], a["v_blocks"], a["block_table"],
+                                      seq_lens=a["seq_lens"], runtime="cpu")
+    a.update(output=out, lse=lse)
+    ref = pn.paged_attention_bwd(**a, runtime="cpu")
+    lse2 = lse.copy()
+    lse2[0, 1, :] = -np.inf
+    dq, dk, dv = pn.paged_attention_bwd(**{**a, "lse": lse2}, runtime="cpu")
+    assert all(np.isfinite(x).all() for x in (dq, dk, dv))
+    assert not dq[0, 1].any() and dq[0, 1].shape == (SQ, D)
+    np.testing.assert_array_equal(dq[1], ref[0][1])
+
+
 @ALL_OPS
 @pytest.mark.parametrize("scale", ["0.5", [0.5], 1 + 0j])
 def test_scale_wrong_type(op, scale):

@@ -8,8 +8,7 @@ each. Keys no query can see because of the window are NaN-poisoned too: the kern
 them, not read and mask them. Hypothesis properties: a ragged call equals the per-sequence calls,
 a window >= L equals none, merging the states of two halves of the keys equals the whole.
 
-The cpu runtime runs the forward cases; its backward cases are strict xfails (they raise
-NotImplementedError) and flip to failures, to be unmarked, once it has the kernels.
+Every case runs on every runtime, the backward included.
 """
 from __future__ import annotations
 
@@ -31,12 +30,8 @@ GRAD_TOL_FLOOR = 1e-3   # gradients with softcap / ALiBi: compare relative to ma
 
 
 @pytest.fixture
-def rt(runtime_name, request):
-    """The runtime, with the cpu backward cases marked as strict xfails (the cpu forward has the
-    keywords; its backward does not yet)."""
-    if runtime_name == "cpu" and "backward" in request.node.name:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                                              reason="ragged / window / softcap / ALiBi: no cpu backward yet"))
+def rt(runtime_name):
+    """The runtime under test (every case of this module runs on each)."""
     return runtime_name
 
 
@@ -214,6 +209,33 @@ def test_backward_ragged(rt, mods):
     rng = np.random.default_rng(seed_of("bwd-ragged", mods))
     q, k, v, bt, sl, cu = ragged_case(rng, 4, 2, 8, 3, [9, 5, 7, 4], [1, 0, 7, 3], F32, shared=True)
     check_bwd(rt, q, k, v, bt, sl, F32, True, dict(cu_seqlens_q=cu, **_kw(mods, 4, rng)))
+
+
+@pytest.mark.parametrize("case", [(2, 2, 6, 16, 4, [13, 6], 2),        # loop path, window < block
+                                  (2, 1, 2, 8, 4, [45, 21], 6),        # decode, window spanning blocks
+                                  (2, 1, 12, 16, 16, [40, 24], 9)],    # GEMM path (bs, D multiples of 16)
+                         ids=["tiled-win2", "decode-win6", "gemm-win9"])
+def test_backward_never_reads_keys_outside_the_window(rt, case):
+    """NaN in every K / V token that no query's window reaches: the backward neither reads them
+    (finite gradients equal to those of clean pools) nor writes their slots (zero)."""
+    H, Hkv, Sq, D, bs, lens, wl = case
+    rng = np.random.default_rng(seed_of("bwd-window-poison", case))
+    q, k, v, bt, sl = make_case(rng, len(lens), H, Hkv, Sq, D, bs, lens, F32)
+    kw = dict(window_left=wl, causal=True, seq_lens=sl)
+    out, lse = pn.paged_attention_fwd(q, k, v, bt, runtime=rt, **kw)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    kp, vp = poison_outside_window(k, v, bt, sl, [Sq] * len(lens), wl)
+    assert np.isnan(kp).sum() > np.isnan(k).sum()          # the case hides some keys
+    got = pn.paged_attention_bwd(dout, q, kp, vp, out, lse, bt, runtime=rt, **kw)
+    clean = pn.paged_attention_bwd(dout, q, k, v, out, lse, bt, runtime=rt, **kw)
+    hidden = np.isnan(kp) & ~np.isnan(k)
+    for name, g, c in zip(("dq", "dk_blocks", "dv_blocks"), got, clean):
+        assert np.isfinite(g).all(), name
+        np.testing.assert_array_equal(g, c, err_msg=name)
+    assert not got[1][hidden].any() and not got[2][hidden].any()
+    refs = paged_attention_bwd_ref(dout, q, k, v, bt, **kw)
+    for g, r in zip(got, refs):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-4)
 
 
 # ------------------------------------------------------------------------------- merge_state(s)

@@ -69,10 +69,16 @@ def make_prompts(tokenizer, n, min_len, max_len, seed=0, shared_prefix=0):
     return [prefix + words(int(rng.integers(min_len, max_len + 1)), rng) for _ in range(n)]
 
 
-def _load(model_path, out=sys.stderr):
+def _load(model_path, command, out=sys.stderr):
+    """The model, or None after one line naming the fix (gguf or the model not installed, no such
+    file, an architecture this runner does not support)."""
     from . import load_gguf
     t = time.perf_counter()
-    model = load_gguf(model_path)
+    try:
+        model = load_gguf(model_path)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        print(f"python -m paged_numba {command}: error: {exc}", file=sys.stderr)
+        return None
     print(f"loaded {model} in {time.perf_counter() - t:.1f} s", file=out)
     return model
 
@@ -85,7 +91,9 @@ def _runtime_note(engine, out=sys.stderr):
 
 def generate_main(args) -> int:
     from . import Engine
-    model = _load(args.model)
+    model = _load(args.model, "generate")
+    if model is None:
+        return 2
     tok = model.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(text)
@@ -138,7 +146,9 @@ def run_workload(engine, prompts, max_new_tokens, progress=True):
 
 def serve_bench_main(args) -> int:
     from . import Engine
-    model = _load(args.model)
+    model = _load(args.model, "serve-bench")
+    if model is None:
+        return 2
     prompts = make_prompts(model.tokenizer, args.num_prompts, args.min_len, args.max_len, args.seed,
                            args.shared_prefix)
     blocks = sum(-(-(len(p) + args.max_tokens) // 16) for p in prompts) + 8

@@ -44,8 +44,8 @@ def readonly(x: np.ndarray) -> np.ndarray:
 
 
 class CpuClient(Client):
-    supports_score_mods = ("fwd",)  # ragged / window / softcap / ALiBi: forward only (not the backward yet)
-    supports_plans = True           # run_* take out= / lse= buffers and a plan's state (None here)
+    supports_score_mods = True  # ragged / window / softcap / ALiBi: forward, FP8 forward and backward
+    supports_plans = True       # run_* take out= / lse= buffers and a plan's state (None here)
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -126,33 +126,35 @@ class CpuClient(Client):
 
     def run_bwd(self, cfg, dout, q, k, v, out, lse, *, state=None):
         from ..kernels.cpu.paged_attention import LOG2E
-        from ..kernels.cpu.paged_attention_bwd import dkdv_kernel, dq_kernel, gemm_ok
+        from ..kernels.cpu.paged_attention_bwd import dkdv_kernel, dq_items, dq_kernel, gemm_ok
 
         qd, kd = cfg.q_dtype, cfg.kv_dtype
-        qf, dof, outf = (decode_f32(x, qd) for x in (q, dout, out))
-        dq = np.empty(cfg.q_shape, np.float32)
+        qf, dof, outf = (decode_f32(x, qd).reshape(-1, cfg.D) for x in (q, dout, out))  # [rows, D]
+        dq = np.empty(qf.shape, np.float32)
         dk = np.zeros(cfg.kv_shape, np.float32)
         dv = np.zeros(cfg.kv_shape, np.float32)
         if dq.size:
-            B, H, Sq, D = cfg.q_shape
-            Hkv = cfg.kv_shape[2]
+            H, D, Hkv = cfg.H, cfg.D, cfg.Hkv
             # FlashAttention-2's preprocessing, rowsum(dout * out), accumulated in float32
-            delta = readonly(np.einsum("bhsd,bhsd->bhs", dof, outf, dtype=np.float32))
-            lse2 = readonly((lse * np.float32(LOG2E)).astype(np.float32))
+            delta = readonly(np.einsum("rd,rd->r", dof, outf, dtype=np.float32))
+            lse2 = readonly((lse.reshape(-1) * np.float32(LOG2E)).astype(np.float32))
             gemm = gemm_ok(cfg.bs, D)
             # per pass: S and dP recomputed, then dV and dK, or dQ
             est_us = 3 * H * D * visible_pairs(cfg) / (_MACS_PER_US_GEMM if gemm else _MACS_PER_US_ROWS)
             common = (readonly(qf), readonly(dof), readonly(k.reshape(cfg.kv_shape)),
                       readonly(v.reshape(cfg.kv_shape)), delta, lse2)
-            table, lens, scale, causal = (readonly(cfg.block_table), readonly(cfg.seq_lens),
-                                          float(cfg.scale), bool(cfg.causal))
+            row0, sh, si = cfg.row_layout()   # rows of the dense or the ragged layout
+            slopes = cfg.alibi_slopes if cfg.alibi_slopes is not None else np.zeros(H, np.float32)
+            layout = (readonly(cfg.seq_lens), readonly(cfg.q_lens), readonly(row0), int(sh), int(si))
+            mods = (float(cfg.scale), bool(cfg.causal), int(cfg.window_left), float(cfg.softcap),
+                    readonly(slopes))
             blocks, rd_start, rd_b, rd_lb = (readonly(x) for x in block_readers(cfg))
-            launch(dkdv_kernel(kd.code, gemm),
-                   common + (lens, scale, causal, blocks, rd_start, rd_b, rd_lb, dk, dv),
+            launch(dkdv_kernel(kd.code, gemm), common + layout + mods + (blocks, rd_start, rd_b, rd_lb, dk, dv),
                    Hkv * blocks.size, est_us)
-            launch(dq_kernel(kd.code, gemm), common + (table, lens, scale, causal, _TQ, dq),
-                   B * Hkv * (-(-Sq // _TQ)), est_us)
-        return (encode_f32(dq, qd), encode_f32(dk, kd).reshape(k.shape),
+            items = tuple(readonly(x) for x in dq_items(cfg.q_lens, Hkv, _TQ))
+            launch(dq_kernel(kd.code, gemm), common + (readonly(cfg.block_table),) + layout + items + mods + (dq,),
+                   items[0].size, est_us)
+        return (encode_f32(dq, qd).reshape(q.shape), encode_f32(dk, kd).reshape(k.shape),
                 encode_f32(dv, kd).reshape(v.shape))
 
     def run_write_kv(self, cfg, k_pool, v_pool, k, v):

@@ -34,6 +34,11 @@ result. Two inner paths, fixed per kernel (``gemm``, chosen by the client with `
   so the online softmax (max, exp2, row sums) is vectorized over rows without horizontal
   reductions, then ``acc[Rp, Dp] += P[Rp, KT] @ V[KT, Dp]``.
 - otherwise (decode): per paged block, row-by-key dot products vectorized over D.
+
+Ragged batches, windows, softcap and ALiBi (``fwd_mods_kernel``) run the same two work items with
+their ``mods`` flag on, a closure constant as the dtype codes are: the plain kernel compiles
+without the modifiers' code, and both address q / out / lse as rows (``row0 + h * sh + i * si``;
+the plain kernel views its dense arrays that way).
 """
 from __future__ import annotations
 
@@ -76,35 +81,97 @@ def exp2_shifted(s, n, m, ebits):
 
 
 KT = 64  # keys per tile of the GEMM path
+_NO_SLOPES = np.zeros(0, np.float32)   # the plain kernel's slopes argument (never read: mods off)
+
+
+# ------------------------------------------------------------------ work items (both kernels)
+# Ragged rows, sliding windows, softcap and ALiBi (ops/config.py: ``row_layout``, ``window_left``,
+# ``softcap``, ``alibi_slopes``). Query i of sequence b (q_len n, L keys) sits at p = L - n + i and
+# sees keys lo <= j < hi: hi = min(L, p + 1) if causal else L, lo = max(0, p - window_left) with a
+# window, else 0. A visible score s = qk_scale * q . k (natural units) becomes
+# softcap * tanh(s / softcap) (softcap > 0), then s - slope_h * |p - j|; keys outside [lo, hi) are
+# masked, and blocks / tiles no row of a work item sees are never read.
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
-              kv_code, out, lse):
+def mod_score(s, cap, inv_cap, slope, dist):
+    """A visible natural-units score -> softcap (cap > 0), then ALiBi, in base 2 for exp2."""
+    if cap > 0.0:
+        s = cap * np.float32(math.tanh(s * inv_cap))
+    s -= slope * np.float32(abs(dist))
+    return s * np.float32(LOG2E)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def row_window(L, n, i, causal, window_left):
+    """(p, lo, hi) of query i of a sequence of L keys and n queries."""
+    p = L - n + i
+    hi = min(L, p + 1) if causal else L
+    lo = max(0, p - window_left) if window_left >= 0 else 0
+    return p, lo, hi
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def finish_row(out, lse, row, acc_row, m, lsum, out_scale):
+    """out[row] and lse[row] (out [rows, D], lse [rows]) from a row's accumulator, running max (base
+    2) and sum: 0 / -inf for a row that saw no key; NaN / +inf (flagged for the client) for
+    non-finite scores."""
+    D = out.shape[1]
+    if m == -np.inf:
+        for d in range(D):
+            out[row, d] = 0.0
+        lse[row] = -np.inf
+    elif m == np.inf or not abs(lsum) < np.inf:
+        for d in range(D):
+            out[row, d] = np.nan
+        lse[row] = np.inf
+    else:
+        inv = np.float32(out_scale) / lsum
+        for d in range(D):
+            out[row, d] = acc_row[d] * inv
+        lse[row] = np.float32((m + math.log2(lsum)) * LN2)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
+              qk_scale, out_scale, q_code, kv_code, mods, out, lse):
     """One work item of R = G * nq rows (padded to Rp, a multiple of 16), as GEMMs on key tiles
     of KT tokens:
     St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
-    vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]."""
+    vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]. ``mods`` (a closure
+    constant of the kernel): scores through ``mod_score``, the window's first key tile; otherwise
+    the plain scores, masked only on the tiles that cross some row's causal limit."""
     ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
-    H, D = q.shape[1], q.shape[3]
+    D = q.shape[1]
     bs = k.shape[1]
-    G = H // k.shape[2]
     R = nq * G
     Rp = (R + 15) // 16 * 16
     Dp = (D + 15) // 16 * 16
+    qscale = np.float32(qk_scale) if mods else np.float32(qk_scale * LOG2E)   # mods: natural units
+    cap32 = np.float32(cap)
+    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
     Qt = np.zeros(D * Rp, np.float32)
     row = np.empty(D, np.float32)
-    lim = np.zeros(Rp, np.int32)  # keys visible to the row (0 for padding rows)
+    lo = np.zeros(Rp, np.int64)
+    hi = np.zeros(Rp, np.int64)   # padding rows see nothing
+    pos = np.zeros(Rp, np.int64)
+    slope = np.zeros(Rp, np.float32)
+    kmin = L
     kmax = 0
     minlim = L
     for r in range(R):
+        h = kvh * G + r // nq
         i = q0 + r % nq
-        load_row(q[b, kvh * G + r // nq, i], D, row, q_code)
+        load_row(q[row0 + h * sh + i * si], D, row, q_code)
         for d in range(D):
             Qt[d * Rp + r] = row[d] * qscale
-        lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
-        kmax = max(kmax, lim[r])
-        minlim = min(minlim, lim[r])
+        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+        if mods:
+            slope[r] = slopes[h]
+        if hi[r] > lo[r]:
+            kmin = min(kmin, lo[r])
+            kmax = max(kmax, hi[r])
+        minlim = min(minlim, max(hi[r], 0))
     Kf = np.zeros(KT * D, np.float32)
     Vf = np.zeros(KT * Dp, np.float32)
     Kbits = Kf.view(np.uint32)
@@ -118,7 +185,7 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
     msub = np.empty(Rp, np.float32)
     alpha = np.empty(Rp, np.float32)
     ps = np.empty(Rp, np.float32)
-    for t0 in range(0, kmax, KT):
+    for t0 in range(kmin, kmax, KT):
         nk = min(KT, kmax - t0)  # keys of the tile that some row sees
         for j in range(nk):
             t = t0 + j
@@ -133,14 +200,27 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
             mt[r] = m[r]
             chk[r] = 0.0
             ps[r] = 0.0
-        for j in range(nk):
+        if mods:   # per row: keys outside [lo, hi) masked, visible scores modified
             for r in range(Rp):
-                s = St[j * Rp + r]
-                chk[r] += s - s  # NaN where a score is inf / NaN
-        if t0 + nk > minlim:  # causal diagonal / short rows: mask keys the row does not see
-            for r in range(Rp):
-                for j in range(max(0, lim[r] - t0), nk):
+                a = min(max(lo[r] - t0, 0), nk)
+                e = max(min(hi[r] - t0, nk), a)
+                for j in range(a):
                     St[j * Rp + r] = -np.inf
+                for j in range(a, e):
+                    s = mod_score(St[j * Rp + r], cap32, inv_cap, slope[r], pos[r] - (t0 + j))
+                    chk[r] += s - s  # NaN where a visible score is inf / NaN
+                    St[j * Rp + r] = s
+                for j in range(e, nk):
+                    St[j * Rp + r] = -np.inf
+        else:
+            for j in range(nk):
+                for r in range(Rp):
+                    s = St[j * Rp + r]
+                    chk[r] += s - s  # NaN where a score is inf / NaN
+            if t0 + nk > minlim:  # causal diagonal / short rows: mask keys the row does not see
+                for r in range(Rp):
+                    for j in range(max(0, hi[r] - t0), nk):
+                        St[j * Rp + r] = -np.inf
         for j in range(nk):
             for r in range(Rp):
                 s = St[j * Rp + r]
@@ -176,87 +256,98 @@ def tile_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, 
                     acc[r * Dp + d] *= alpha[r]
         matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
     for r in range(R):
-        finish_row(out, lse, b, kvh * G + r // nq, q0 + r % nq, acc[r * Dp:r * Dp + D], m[r], lsum[r],
-                   out_scale)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def finish_row(out, lse, b, h, i, acc_row, m, lsum, out_scale):
-    """out[b, h, i] and lse[b, h, i] from a row's accumulator, running max (base 2) and sum: 0 / -inf
-    for a row that saw no key; NaN / +inf (flagged for the client) for non-finite scores."""
-    D = out.shape[3]
-    if m == -np.inf:
-        for d in range(D):
-            out[b, h, i, d] = 0.0
-        lse[b, h, i] = -np.inf
-    elif m == np.inf or not abs(lsum) < np.inf:
-        for d in range(D):
-            out[b, h, i, d] = np.nan
-        lse[b, h, i] = np.inf
-    else:
-        inv = np.float32(out_scale) / lsum
-        for d in range(D):
-            out[b, h, i, d] = acc_row[d] * inv
-        lse[b, h, i] = np.float32((m + math.log2(lsum)) * LN2)
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        finish_row(out, lse, row0 + h * sh + i * si, acc[r * Dp:r * Dp + D], m[r], lsum[r], out_scale)
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def row_item(q, k, v, table, b, kvh, q0, nq, L, Sq, causal, qscale, out_scale, q_code,
-             kv_code, out, lse):
-    """One work item with few rows (decode): per paged block, row-by-key dot products."""
-    H, D = q.shape[1], q.shape[3]
+def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
+             qk_scale, out_scale, q_code, kv_code, mods, out, lse):
+    """One work item with few rows (decode): per paged block, row-by-key dot products. ``mods``:
+    visible scores through ``mod_score`` into a scratch row, blocks from the window's first key."""
+    D = q.shape[1]
     bs = k.shape[1]
-    G = H // k.shape[2]
     R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
+    qscale = np.float32(qk_scale) if mods else np.float32(qk_scale * LOG2E)   # mods: natural units
+    cap32 = np.float32(cap)
+    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
     Qs = np.empty((R, D), np.float32)
     acc = np.zeros((R, D), np.float32)
     m = np.full(R, -np.inf, np.float32)
     lsum = np.zeros(R, np.float32)
-    lim = np.empty(R, np.int64)  # keys visible to the row
+    lo = np.empty(R, np.int64)
+    hi = np.empty(R, np.int64)
+    pos = np.empty(R, np.int64)
+    slope = np.zeros(R, np.float32)
+    kmin = L
     kmax = 0
     for r in range(R):
+        h = kvh * G + r // nq
         i = q0 + r % nq
-        load_row(q[b, kvh * G + r // nq, i], D, Qs[r], q_code)
+        load_row(q[row0 + h * sh + i * si], D, Qs[r], q_code)
         for d in range(D):
             Qs[r, d] *= qscale
-        lim[r] = min(L, max(0, L - Sq + i + 1)) if causal else L
-        kmax = max(kmax, lim[r])
-    Kb = np.empty((bs, D), np.float32)
-    Vb = np.empty((bs, D), np.float32)
+        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+        if mods:
+            slope[r] = slopes[h]
+        if hi[r] > lo[r]:
+            kmin = min(kmin, lo[r])
+            kmax = max(kmax, hi[r])
+    Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
+    Vb = np.zeros((bs, D), np.float32)
     S = np.empty((R, bs), np.float32)
+    P = np.empty(bs, np.float32)
     ebits = np.empty(bs, np.int32)
-    for lb in range((kmax + bs - 1) // bs):
+    for lb in range(kmin // bs, (kmax + bs - 1) // bs):
         phys = table[b, lb]
         t0 = lb * bs
+        j0 = max(0, kmin - t0)
         nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
-        for j in range(nj):
+        for j in range(j0, nj):
             load_row(k[phys, j, kvh], D, Kb[j], kv_code)
             load_row(v[phys, j, kvh], D, Vb[j], kv_code)
         scores(Qs, Kb, nj, S)
         for r in range(R):
-            nvis = min(nj, lim[r] - t0)
+            a = max(lo[r] - t0, 0)
+            e = min(hi[r] - t0, nj)
+            nvis = e - a
             if nvis <= 0 or m[r] == np.inf:
                 continue
-            mb = S[r, 0]
-            for j in range(1, nvis):
-                mb = max(mb, S[r, j])
-            if not abs(mb) < np.inf:  # inf / NaN scores (float32 overflow): flag the row
+            w = P if mods else S[r]     # the row's scores, from key a (mods) or 0 (plain: a == 0)
+            mb = np.float32(-np.inf)
+            bad = np.float32(0.0)
+            if mods:
+                for j in range(nvis):
+                    s = mod_score(S[r, a + j], cap32, inv_cap, slope[r], pos[r] - (t0 + a + j))
+                    P[j] = s
+                    bad += s - s
+                    mb = max(mb, s)
+            else:
+                for j in range(nvis):
+                    mb = max(mb, S[r, j])
+            if not bad == 0.0 or not abs(mb) < np.inf:  # inf / NaN scores (float32 overflow): flag the row
                 m[r] = np.inf
                 continue
             m_new = max(m[r], mb)
             alpha = np.float32(math.exp2(m[r] - m_new))
-            exp2_shifted(S[r], nvis, m_new, ebits)
+            exp2_shifted(w, nvis, m_new, ebits)
             psum = np.float32(0.0)
             for j in range(nvis):
-                psum += S[r, j]
+                psum += w[j]
             lsum[r] = lsum[r] * alpha + psum
             m[r] = m_new
             if alpha != 1.0:
                 for d in range(D):
                     acc[r, d] *= alpha
-            accumulate(acc, r, S[r], Vb, nvis)
+            if mods:
+                accumulate(acc, r, P, Vb[a:], nvis)
+            else:
+                accumulate(acc, r, S[r], Vb, nvis)
     for r in range(R):
-        finish_row(out, lse, b, kvh * G + r // nq, q0 + r % nq, acc[r], m[r], lsum[r], out_scale)
+        h = kvh * G + r // nq
+        i = q0 + r % nq
+        finish_row(out, lse, row0 + h * sh + i * si, acc[r], m[r], lsum[r], out_scale)
 
 
 ROWS_GEMM = 16  # work items with at least this many rows take the GEMM path
@@ -295,7 +386,9 @@ def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
         G = H // Hkv
         tqq = max(1, tq // G)  # queries per tile: about tq rows (GQA heads x queries) per work item
         n_qt = (Sq + tqq - 1) // tqq
-        qscale = np.float32(qk_scale * LOG2E)
+        q2 = q.reshape((B * H * Sq, D))     # the items address rows: b * H * Sq + h * Sq + i
+        out2 = out.reshape((B * H * Sq, D))
+        lse1 = lse.reshape(B * H * Sq)
         for item in prange(start, stop):
             prefer_512()  # the parfor body is its own LLVM function
             # Interleave heavy and light query tiles so that static chunks stay balanced under causal.
@@ -306,248 +399,13 @@ def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
             q0 = qt * tqq
             nq = min(Sq, q0 + tqq) - q0
             if GEMM:
-                tile_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                          Q_CODE, KV_CODE, out, lse)
+                tile_item(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal, -1,
+                          0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, False, out2, lse1)
             else:
-                row_item(q, k, v, table, b, kvh, q0, nq, seq_lens[b], Sq, causal, qscale, out_scale,
-                         Q_CODE, KV_CODE, out, lse)
+                row_item(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal, -1,
+                         0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, False, out2, lse1)
 
     return paged_attention_fwd
-
-
-# ------------------------------------------------------------------ score modifiers (mods=True)
-# Ragged rows, sliding windows, softcap and ALiBi (ops/config.py: ``row_layout``, ``window_left``,
-# ``softcap``, ``alibi_slopes``). Query i of sequence b (q_len n, L keys) sits at p = L - n + i and
-# sees keys lo <= j < hi: hi = min(L, p + 1) if causal else L, lo = max(0, p - window_left) with a
-# window, else 0. A visible score s = qk_scale * q . k (natural units) becomes
-# softcap * tanh(s / softcap) (softcap > 0), then s - slope_h * |p - j|; keys outside [lo, hi) are
-# masked, and blocks / tiles no row of a work item sees are never read.
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_score(s, cap, inv_cap, slope, dist):
-    """A visible natural-units score -> softcap (cap > 0), then ALiBi, in base 2 for exp2."""
-    if cap > 0.0:
-        s = cap * np.float32(math.tanh(s * inv_cap))
-    s -= slope * np.float32(abs(dist))
-    return s * np.float32(LOG2E)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def row_window(L, n, i, causal, window_left):
-    """(p, lo, hi) of query i of a sequence of L keys and n queries."""
-    p = L - n + i
-    hi = min(L, p + 1) if causal else L
-    lo = max(0, p - window_left) if window_left >= 0 else 0
-    return p, lo, hi
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def finish_row_at(out, lse, row, acc_row, m, lsum, out_scale):
-    """finish_row for out [rows, D], lse [rows]."""
-    D = out.shape[1]
-    if m == -np.inf:
-        for d in range(D):
-            out[row, d] = 0.0
-        lse[row] = -np.inf
-    elif m == np.inf or not abs(lsum) < np.inf:
-        for d in range(D):
-            out[row, d] = np.nan
-        lse[row] = np.inf
-    else:
-        inv = np.float32(out_scale) / lsum
-        for d in range(D):
-            out[row, d] = acc_row[d] * inv
-        lse[row] = np.float32((m + math.log2(lsum)) * LN2)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def tile_item_mods(q, k, v, table, b, kvh, q0, nq, L, n, row0, sh, si, causal, window_left, cap,
-                   slopes, qk_scale, out_scale, q_code, kv_code, out, lse):
-    """tile_item with the row layout, window, softcap and ALiBi (q, out: [rows, D]; lse [rows])."""
-    ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)
-    D = q.shape[1]
-    bs = k.shape[1]
-    G = slopes.shape[0] // k.shape[2]
-    R = nq * G
-    Rp = (R + 15) // 16 * 16
-    Dp = (D + 15) // 16 * 16
-    cap32 = np.float32(cap)
-    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
-    Qt = np.zeros(D * Rp, np.float32)
-    row = np.empty(D, np.float32)
-    lo = np.zeros(Rp, np.int64)
-    hi = np.zeros(Rp, np.int64)   # padding rows see nothing
-    pos = np.zeros(Rp, np.int64)
-    slope = np.zeros(Rp, np.float32)
-    kmin = L
-    kmax = 0
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        load_row(q[row0 + h * sh + i * si], D, row, q_code)
-        for d in range(D):
-            Qt[d * Rp + r] = row[d] * np.float32(qk_scale)
-        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
-        slope[r] = slopes[h]
-        if hi[r] > lo[r]:
-            kmin = min(kmin, lo[r])
-            kmax = max(kmax, hi[r])
-    Kf = np.zeros(KT * D, np.float32)
-    Vf = np.zeros(KT * Dp, np.float32)
-    Kbits = Kf.view(np.uint32)
-    Vbits = Vf.view(np.uint32)
-    St = np.empty(KT * Rp, np.float32)
-    acc = np.zeros(Rp * Dp, np.float32)
-    m = np.full(Rp, -np.inf, np.float32)
-    lsum = np.zeros(Rp, np.float32)
-    mt = np.empty(Rp, np.float32)
-    chk = np.empty(Rp, np.float32)
-    msub = np.empty(Rp, np.float32)
-    alpha = np.empty(Rp, np.float32)
-    ps = np.empty(Rp, np.float32)
-    for t0 in range(kmin, kmax, KT):
-        nk = min(KT, kmax - t0)
-        for j in range(nk):
-            t = t0 + j
-            phys = table[b, t // bs]
-            load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code)
-            load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code)
-        nk4 = (nk + 3) // 4 * 4
-        for x in range(nk * D, nk4 * D):
-            Kf[x] = 0.0
-        matmul(Kf, D, ONE, Qt, Rp, St, Rp, nk4, Rp, D, OVERWRITE)
-        for r in range(Rp):
-            mt[r] = m[r]
-            chk[r] = 0.0
-            ps[r] = 0.0
-        for r in range(Rp):
-            a = min(max(lo[r] - t0, 0), nk)
-            e = max(min(hi[r] - t0, nk), a)
-            for j in range(a):
-                St[j * Rp + r] = -np.inf
-            for j in range(a, e):
-                s = mod_score(St[j * Rp + r], cap32, inv_cap, slope[r], pos[r] - (t0 + j))
-                chk[r] += s - s  # NaN where a visible score is inf / NaN
-                St[j * Rp + r] = s
-            for j in range(e, nk):
-                St[j * Rp + r] = -np.inf
-        for j in range(nk):
-            for r in range(Rp):
-                s = St[j * Rp + r]
-                mt[r] = s if s > mt[r] else mt[r]
-        for r in range(Rp):
-            if not chk[r] == 0.0 or not mt[r] < np.inf:
-                m[r] = np.inf
-            if m[r] == np.inf:
-                msub[r] = 0.0
-                alpha[r] = 1.0
-            elif mt[r] == -np.inf:
-                msub[r] = 0.0
-                alpha[r] = 1.0
-            else:
-                alpha[r] = np.float32(math.exp2(m[r] - mt[r]))
-                m[r] = mt[r]
-                msub[r] = mt[r]
-        for j in range(nk):
-            for r in range(Rp):
-                x = j * Rp + r
-                xs = min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0))
-                xf = np.floor(xs)
-                f = xs - xf
-                p = exp2_poly(f) * \
-                    as_float32((np.int32(xf) + np.int32(127)) << np.int32(23))
-                St[x] = p
-                ps[r] += p
-        for r in range(R):
-            lsum[r] = lsum[r] * alpha[r] + ps[r]
-            if alpha[r] != 1.0:
-                for d in range(Dp):
-                    acc[r * Dp + d] *= alpha[r]
-        matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        finish_row_at(out, lse, row0 + h * sh + i * si, acc[r * Dp:r * Dp + D], m[r], lsum[r], out_scale)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def row_item_mods(q, k, v, table, b, kvh, q0, nq, L, n, row0, sh, si, causal, window_left, cap,
-                  slopes, qk_scale, out_scale, q_code, kv_code, out, lse):
-    """row_item with the row layout, window, softcap and ALiBi (q, out: [rows, D]; lse [rows])."""
-    D = q.shape[1]
-    bs = k.shape[1]
-    G = slopes.shape[0] // k.shape[2]
-    R = nq * G
-    cap32 = np.float32(cap)
-    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
-    Qs = np.empty((R, D), np.float32)
-    acc = np.zeros((R, D), np.float32)
-    m = np.full(R, -np.inf, np.float32)
-    lsum = np.zeros(R, np.float32)
-    lo = np.empty(R, np.int64)
-    hi = np.empty(R, np.int64)
-    pos = np.empty(R, np.int64)
-    slope = np.empty(R, np.float32)
-    kmin = L
-    kmax = 0
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        load_row(q[row0 + h * sh + i * si], D, Qs[r], q_code)
-        for d in range(D):
-            Qs[r, d] *= np.float32(qk_scale)
-        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
-        slope[r] = slopes[h]
-        if hi[r] > lo[r]:
-            kmin = min(kmin, lo[r])
-            kmax = max(kmax, hi[r])
-    Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
-    Vb = np.zeros((bs, D), np.float32)
-    S = np.empty((R, bs), np.float32)
-    P = np.empty(bs, np.float32)
-    ebits = np.empty(bs, np.int32)
-    for lb in range(kmin // bs, (kmax + bs - 1) // bs):
-        phys = table[b, lb]
-        t0 = lb * bs
-        j0 = max(0, kmin - t0)
-        nj = min(bs, kmax - t0)
-        for j in range(j0, nj):
-            load_row(k[phys, j, kvh], D, Kb[j], kv_code)
-            load_row(v[phys, j, kvh], D, Vb[j], kv_code)
-        scores(Qs, Kb, nj, S)
-        for r in range(R):
-            a = max(lo[r] - t0, 0)
-            e = min(hi[r] - t0, nj)
-            nvis = e - a
-            if nvis <= 0 or m[r] == np.inf:
-                continue
-            mb = -np.inf
-            bad = np.float32(0.0)
-            for j in range(nvis):
-                s = mod_score(S[r, a + j], cap32, inv_cap, slope[r], pos[r] - (t0 + a + j))
-                P[j] = s
-                bad += s - s
-                mb = max(mb, s)
-            if not bad == 0.0 or not abs(mb) < np.inf:  # inf / NaN scores: flag the row
-                m[r] = np.inf
-                continue
-            m_new = max(m[r], mb)
-            alpha = np.float32(math.exp2(m[r] - m_new))
-            exp2_shifted(P, nvis, m_new, ebits)
-            psum = np.float32(0.0)
-            for j in range(nvis):
-                psum += P[j]
-            lsum[r] = lsum[r] * alpha + psum
-            m[r] = m_new
-            if alpha != 1.0:
-                for d in range(D):
-                    acc[r, d] *= alpha
-            accumulate(acc, r, P, Vb[a:], nvis)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        finish_row_at(out, lse, row0 + h * sh + i * si, acc[r], m[r], lsum[r], out_scale)
 
 
 def mod_items(cfg, tq: int):
@@ -570,7 +428,8 @@ def mod_items(cfg, tq: int):
 
 @functools.cache
 def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool):
-    """The forward with modifiers (``fwd_kernel(..., mods=True)``):
+    """The forward with modifiers: the same work items as ``fwd_kernel`` with their ``mods`` flag on,
+    over a work list:
     ``kernel(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0, it_nq, qk_scale,
     out_scale, causal, window_left, softcap, slopes, out, lse, start, stop)`` with q / out viewed
     as [rows, D], lse [rows] (``cfg.row_layout()``), work items ``it_*`` from ``mod_items`` and
@@ -581,16 +440,17 @@ def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool):
     def paged_attention_fwd_mods(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0,
                                  it_nq, qk_scale, out_scale, causal, window_left, softcap, slopes, out,
                                  lse, start, stop):
+        G = slopes.shape[0] // k.shape[2]
         for item in prange(start, stop):
             prefer_512()
             b = it_b[item]
             if GEMM:
-                tile_item_mods(q, k, v, table, b, it_kvh[item], it_q0[item], it_nq[item], seq_lens[b],
-                               q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes,
-                               qk_scale, out_scale, Q_CODE, KV_CODE, out, lse)
+                tile_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
+                          row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
+                          KV_CODE, True, out, lse)
             else:
-                row_item_mods(q, k, v, table, b, it_kvh[item], it_q0[item], it_nq[item], seq_lens[b],
-                              q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes,
-                              qk_scale, out_scale, Q_CODE, KV_CODE, out, lse)
+                row_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
+                         row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
+                         KV_CODE, True, out, lse)
 
     return paged_attention_fwd_mods
