@@ -6,27 +6,12 @@ import datetime
 import os
 import platform
 import subprocess
-import time
 
 import numpy as np
 
+from timing import median_time  # noqa: F401  (re-exported: the CPU benchmarks time through timing.py too)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def median_time(fn, repeat=9, warmup=1, sync=None) -> float:
-    """Median wall time of ``fn()`` in seconds (``sync()`` after each call, for async devices)."""
-    for _ in range(warmup):
-        fn()
-        if sync:
-            sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def paged_case(rng, B, H, Hkv, Sq, D, L, bs, dtype=np.float32):

@@ -6,16 +6,7 @@ import ctypes
 import os
 
 
-def _real_gpu() -> bool:
-    """A CUDA driver that sees at least one GPU (checked without importing numba)."""
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        n = ctypes.c_int(0)
-        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
-    return False
+from gpu_probe import real_gpu as _real_gpu  # noqa: E402
 
 
 # One suite for every runtime (Keras-style): with no GPU, the "cuda" runtime is tested on numba's

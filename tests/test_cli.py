@@ -15,17 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m paged_numba"
 
 
-def _real_gpu() -> bool:
-    """A CUDA driver that sees a GPU (checked without numba, as conftest.py does)."""
-    import ctypes
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        n = ctypes.c_int(0)
-        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
-    return False
+from gpu_probe import real_gpu as _real_gpu  # noqa: E402
 
 
 def _cli(*args: str, sim: bool | None = None, timeout: float = 120, **env_extra) -> subprocess.CompletedProcess:
