@@ -9,15 +9,22 @@ from ..runtime import get_runtime
 from ..tensor import Tensor
 
 
+def _tensors_in(arrays: dict) -> dict:
+    """The Tensors among the data arguments ``arrays`` (name -> value): all of them or none, else a
+    ValueError naming the first plain one."""
+    tensors = {n: a for n, a in arrays.items() if isinstance(a, Tensor)}
+    if tensors and len(tensors) != len(arrays):
+        plain = next(n for n in arrays if n not in tensors)
+        first = next(iter(tensors))
+        raise ValueError(f"{plain}: expected a pn.Tensor like {first}, got {type(arrays[plain]).__name__} "
+                         "(pass all data arguments as Tensors, or all as NumPy arrays)")
+    return tensors
+
+
 def _pick_runtime(arrays: dict, runtime):
     """(runtime, tensors_in) for the data arguments ``arrays`` (name -> value)."""
-    tensors = {n: a for n, a in arrays.items() if isinstance(a, Tensor)}
+    tensors = _tensors_in(arrays)
     if tensors:
-        if len(tensors) != len(arrays):
-            plain = next(n for n in arrays if n not in tensors)
-            first = next(iter(tensors))
-            raise ValueError(f"{plain}: expected a pn.Tensor like {first}, got {type(arrays[plain]).__name__} "
-                             "(pass all data arguments as Tensors, or all as NumPy arrays)")
         rts = {id(t.runtime): t.runtime for t in tensors.values()}
         if len(rts) > 1:
             where = ", ".join(f"{n} on {t.runtime.name!r}" for n, t in tensors.items())

@@ -21,7 +21,7 @@ from ..runtime import get_runtime
 from ..tensor import Tensor
 from .config import (bwd_arrays, first_block_outside, fp8_dtypes, fp8_scales, fwd_dtypes, max_block_read,
                      plan_config, plan_pools, plan_q)
-from .io import _require_score_mods, _storage, _wrap
+from .io import _require_score_mods, _storage, _tensors_in, _wrap
 
 _CFG_KEEP = 32      # run configs kept per plan (one per dtype pair, pool size and FP8 scales)
 
@@ -158,18 +158,12 @@ class AttentionPlan:
 
     def _inputs(self, arrays: dict) -> bool:
         """True for Tensors in (all on the plan's runtime), False for NumPy arrays; else ValueError."""
-        tensors = [n for n, a in arrays.items() if isinstance(a, Tensor)]
-        if not tensors:
-            return False
-        if len(tensors) != len(arrays):
-            plain = next(n for n in arrays if n not in tensors)
-            raise ValueError(f"{plain}: expected a pn.Tensor like {tensors[0]}, got {type(arrays[plain]).__name__} "
-                             "(pass all data arguments as Tensors, or all as NumPy arrays)")
-        for n in tensors:
-            if arrays[n].runtime is not self.runtime:
-                raise ValueError(f"{n}: a Tensor on {arrays[n].runtime.name!r}, but the plan is on "
+        tensors = _tensors_in(arrays)
+        for n, t in tensors.items():
+            if t.runtime is not self.runtime:
+                raise ValueError(f"{n}: a Tensor on {t.runtime.name!r}, but the plan is on "
                                  f"{self.runtime.name!r}; move it with .to()")
-        return True
+        return bool(tensors)
 
     def _config(self, q, k_blocks, v_blocks, qd, kd, scales=None):
         """The run's config: the plan's, with the dtypes, the pool size and the FP8 scales."""
