@@ -9,7 +9,7 @@ import subprocess
 
 import numpy as np
 
-from timing import median_time  # noqa: F401  (re-exported: the CPU benchmarks time through timing.py too)
+from timing import median_time, median_times_interleaved  # noqa: F401  (re-exported: the CPU benchmarks time through timing.py too)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

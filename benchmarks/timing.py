@@ -105,6 +105,20 @@ def kernel_time(torch, fn, calls, sync, log=print, per_kernel=False):
         return None
 
 
+def median_times_interleaved(fns, repeat=9, warmup=1) -> list:
+    """Median wall time in seconds of each of ``fns``, timed in turn (f0, f1, ..., f0, f1, ...) so
+    that a slow spell of a shared machine falls on every variant alike: the ratios of a comparison
+    are steadier than from back-to-back runs of one variant after the other."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for t, fn in zip(times, fns):
+            t.append(wall_once(fn))
+    return [float(np.median(t)) for t in times]
+
+
 def median_time(fn, repeat=9, warmup=1, sync=None) -> float:
     """Median wall time of ``fn()`` in seconds (``sync()`` after each call, for async devices)."""
     return time_wall(fn, repeat, sync, warmup)[0]

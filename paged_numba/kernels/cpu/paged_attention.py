@@ -49,18 +49,12 @@ import numpy as np
 from numba import njit, prange
 
 from . import FASTMATH
-from .codecs import as_float32, load_row, load_tok
+from .codecs import load_row, load_tok
 from .gemm import accumulate, matmul, no_alias, prefer_512, scores
+from .mathf import exp2_f32, exp2_poly, tanh_f32
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def exp2_poly(f):
-    """2 ** f for float32 f in [0, 1): degree-5 fit, relative error < 8e-8 (under float32's
-    half-ulp). The coefficients are written in the body, so they compile to immediate constants
-    (module-level NumPy scalars would be loaded from memory in every iteration)."""
-    return np.float32(0.99999993) + f * (np.float32(0.69315297) + f * (np.float32(0.24015453) + f * (
-        np.float32(0.0558236) + f * (np.float32(0.00899258) + f * np.float32(0.00187623)))))
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -97,7 +91,7 @@ _NO_SLOPES = np.zeros(0, np.float32)   # the plain kernel's slopes argument (nev
 def mod_score(s, cap, inv_cap, slope, dist):
     """A visible natural-units score -> softcap (cap > 0), then ALiBi, in base 2 for exp2."""
     if cap > 0.0:
-        s = cap * np.float32(math.tanh(s * inv_cap))
+        s = cap * tanh_f32(s * inv_cap)
     s -= slope * np.float32(abs(dist))
     return s * np.float32(LOG2E)
 
@@ -109,6 +103,29 @@ def row_window(L, n, i, causal, window_left):
     hi = min(L, p + 1) if causal else L
     lo = max(0, p - window_left) if window_left >= 0 else 0
     return p, lo, hi
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, chk, mt):
+    """One key tile of the GEMM path's scores ``St[j * Rp + r]`` (key t0 + j, row r) through the
+    modifiers, in place and in base 2: softcap ``capl * tanh(s * inv_cap)`` when ``CAP`` (capl = cap
+    log2 e, s in natural units), minus ``slope2[r] * |pos[r] - t|`` (slopes times log2 e), keys
+    outside [lo[r], hi[r]) set to -inf; ``chk[r]`` gets NaN for a non-finite visible score and
+    ``mt[r]`` the running max. Rows are the inner loop (the vector lanes); ``CAP`` is a constant
+    at each call site, so each copy compiles without the other's branch."""
+    for j in range(nk):
+        t = np.int32(t0 + j)
+        for r in range(Rp):
+            x = j * Rp + r
+            s = St[x]
+            if CAP:
+                s = capl * tanh_f32(s * inv_cap)
+            s -= slope2[r] * np.float32(abs(pos[r] - t))
+            vis = (t >= lo[r]) & (t < hi[r])
+            chk[r] += (s - s) if vis else np.float32(0.0)   # NaN where a visible score is inf / NaN
+            s = s if vis else np.float32(-np.inf)
+            St[x] = s
+            mt[r] = s if s > mt[r] else mt[r]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -147,14 +164,15 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
     R = nq * G
     Rp = (R + 15) // 16 * 16
     Dp = (D + 15) // 16 * 16
-    qscale = np.float32(qk_scale) if mods else np.float32(qk_scale * LOG2E)   # mods: natural units
-    cap32 = np.float32(cap)
+    # Scores in base 2 (q times log2 e), except with a softcap: natural units into the tanh.
+    qscale = np.float32(qk_scale) if cap > 0.0 else np.float32(qk_scale * LOG2E)
+    capl = np.float32(cap * LOG2E)
     inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
     Qt = np.zeros(D * Rp, np.float32)
     row = np.empty(D, np.float32)
-    lo = np.zeros(Rp, np.int64)
-    hi = np.zeros(Rp, np.int64)   # padding rows see nothing
-    pos = np.zeros(Rp, np.int64)
+    lo = np.zeros(Rp, np.int32)   # int32: as wide as the float32 lanes of the score loops
+    hi = np.zeros(Rp, np.int32)   # padding rows see nothing
+    pos = np.zeros(Rp, np.int32)
     slope = np.zeros(Rp, np.float32)
     kmin = L
     kmax = 0
@@ -167,7 +185,7 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
             Qt[d * Rp + r] = row[d] * qscale
         pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
         if mods:
-            slope[r] = slopes[h]
+            slope[r] = slopes[h] * np.float32(LOG2E)   # base 2
         if hi[r] > lo[r]:
             kmin = min(kmin, lo[r])
             kmax = max(kmax, hi[r])
@@ -200,18 +218,11 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
             mt[r] = m[r]
             chk[r] = 0.0
             ps[r] = 0.0
-        if mods:   # per row: keys outside [lo, hi) masked, visible scores modified
-            for r in range(Rp):
-                a = min(max(lo[r] - t0, 0), nk)
-                e = max(min(hi[r] - t0, nk), a)
-                for j in range(a):
-                    St[j * Rp + r] = -np.inf
-                for j in range(a, e):
-                    s = mod_score(St[j * Rp + r], cap32, inv_cap, slope[r], pos[r] - (t0 + j))
-                    chk[r] += s - s  # NaN where a visible score is inf / NaN
-                    St[j * Rp + r] = s
-                for j in range(e, nk):
-                    St[j * Rp + r] = -np.inf
+        if mods:   # keys outside [lo, hi) masked, visible scores modified, the running max
+            if cap > 0.0:
+                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, True, chk, mt)
+            else:
+                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, False, chk, mt)
         else:
             for j in range(nk):
                 for r in range(Rp):
@@ -221,10 +232,10 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
                 for r in range(Rp):
                     for j in range(max(0, hi[r] - t0), nk):
                         St[j * Rp + r] = -np.inf
-        for j in range(nk):
-            for r in range(Rp):
-                s = St[j * Rp + r]
-                mt[r] = s if s > mt[r] else mt[r]
+            for j in range(nk):
+                for r in range(Rp):
+                    s = St[j * Rp + r]
+                    mt[r] = s if s > mt[r] else mt[r]
         for r in range(Rp):
             if not chk[r] == 0.0 or not mt[r] < np.inf:  # non-finite scores: flag the row
                 m[r] = np.inf
@@ -242,11 +253,7 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
             for r in range(Rp):
                 x = j * Rp + r
                 # 2 ** (s - m): below -127 the exponent field is 0, so masked keys give exactly 0
-                xs = min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0))
-                xf = np.floor(xs)
-                f = xs - xf
-                p = exp2_poly(f) * \
-                    as_float32((np.int32(xf) + np.int32(127)) << np.int32(23))
+                p = exp2_f32(min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0)))
                 St[x] = p
                 ps[r] += p
         for r in range(R):

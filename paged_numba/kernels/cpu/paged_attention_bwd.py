@@ -45,7 +45,6 @@ dQ += scale * dS k.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -53,6 +52,7 @@ from numba import njit, prange
 from . import FASTMATH
 from .codecs import load_row
 from .gemm import accumulate, accumulate_rows, matmul, prefer_512, scores
+from .mathf import tanh_f32
 from .paged_attention import LOG2E, exp2_shifted, row_window
 
 _QCHUNK = 64  # query rows per pass over a block in bwd_dkdv
@@ -79,7 +79,7 @@ def _probs_and_ds(S, dP, n_rows, nj, t0, L, n, i0, causal, window_left, scale, c
             e = a
         if cap > 0.0:
             for j in range(a, e):
-                t = np.float32(math.tanh(S[r, j] * sc * inv_cap))
+                t = tanh_f32(S[r, j] * sc * inv_cap)
                 dtanh[j] = np.float32(1.0) - t * t
                 S[r, j] = cap32 * t * np.float32(LOG2E) - sl2 * np.float32(abs(p - t0 - j))
         elif slope != 0.0:
