@@ -434,14 +434,16 @@ def mod_items(cfg, tq: int):
 
 
 @functools.cache
-def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool):
-    """The forward with modifiers: the same work items as ``fwd_kernel`` with their ``mods`` flag on,
-    over a work list:
+def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool, mods: bool = True):
+    """The forward over a work list (ragged batches, modifiers): the same work items as
+    ``fwd_kernel``, their ``mods`` flag on when a window, softcap or ALiBi is (``mods`` False: a
+    ragged batch with plain causal / full masks, which runs the plain score loops), with
+    ``kernel(...)`` as follows:
     ``kernel(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0, it_nq, qk_scale,
     out_scale, causal, window_left, softcap, slopes, out, lse, start, stop)`` with q / out viewed
     as [rows, D], lse [rows] (``cfg.row_layout()``), work items ``it_*`` from ``mod_items`` and
     ``slopes`` float32 [H] (zeros without ALiBi); softcap 0 = none, window_left -1 = none."""
-    Q_CODE, KV_CODE, GEMM = int(q_code), int(kv_code), bool(gemm)
+    Q_CODE, KV_CODE, GEMM, MODS = int(q_code), int(kv_code), bool(gemm), bool(mods)
 
     @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def paged_attention_fwd_mods(q, k, v, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0,
@@ -454,10 +456,10 @@ def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool):
             if GEMM:
                 tile_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
                           row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
-                          KV_CODE, True, out, lse)
+                          KV_CODE, MODS, out, lse)
             else:
                 row_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
                          row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
-                         KV_CODE, True, out, lse)
+                         KV_CODE, MODS, out, lse)
 
     return paged_attention_fwd_mods
