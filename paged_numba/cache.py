@@ -40,7 +40,7 @@ import numpy as np
 from .dtypes import DType, as_dtype, from_numpy_dtype
 from .errors import OutOfBlocksError
 from .ops import paged_attention_fwd, paged_attention_fwd_fp8, plan_attention, write_kv
-from .ops.config import _pool_scale, write_kv_config
+from .ops.write_kv_config import _pool_scale, write_kv_config
 from .runtime import get_runtime
 from .tensor import Tensor, tensor
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from ..dtypes import DType, to_storage
 from ..tensor import Tensor
-from .config import (bwd_config, fwd_config, fwd_fp8_config, merge_state_config, merge_states_config,
-                     write_kv_config)
+from .config import bwd_config, fwd_config, fwd_fp8_config
+from .merge_config import merge_state_config, merge_states_config
+from .write_kv_config import write_kv_config
 from .io import _pick_runtime, _require_score_mods, _storage, _wrap
 from .plan import AttentionPlan, one_shot, plan_attention
 

@@ -1,4 +1,6 @@
-"""PagedAttnConfig: every check of SPEC.md, made once, at the boundary.
+"""PagedAttnConfig: every check of the attention ops (forward, FP8 forward, backward, plans), made
+once, at the boundary (``write_kv``'s are in ``write_kv_config.py``, ``merge_state``'s in
+``merge_config.py``, the argument checks they all share in ``checks.py``).
 
 ``fwd_config`` / ``fwd_fp8_config`` / ``bwd_config`` take the user's arguments (NumPy arrays or
 Tensors, before anything is moved or run) and return a frozen ``PagedAttnConfig`` or raise
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import FP8_MAX, DType, fp8_dtype, from_numpy_dtype
+from ..dtypes import FP8_MAX, DType, fp8_dtype
 from ..tensor import Tensor
+from .checks import (FLOAT_TYPES, _as_int, _check_finite, _check_int_param, _check_lse, _dtype_name, _finite,
+                     _float_dtype, _fp8_kv_dtype, _host_ints, _pool_shape, _positive_int, _shape_dtype)
 
-FLOAT_TYPES = (DType.F32, DType.F16, DType.BF16)
 _F32_MAX = float(np.finfo(np.float32).max)
 DECODE_MAX_Q = 4     # a sequence with at most this many queries takes the decode path
 PLAN_N = 2 ** 31 - 1  # a plan's pool size until it runs (entries are checked against N then)
@@ -111,141 +114,6 @@ class PagedAttnConfig:
     @property
     def max_len(self) -> int:
         return int(self.seq_lens.max()) if self.B else 0
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-def _shape_dtype(x, name):
-    """(shape, DType or None, numpy dtype) of a Tensor or array-like argument."""
-    if isinstance(x, Tensor):
-        return x.shape, x.dtype, x.dtype.numpy
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = np.asarray(x)
-    try:
-        npdt = np.dtype(x.dtype)
-    except TypeError:
-        raise TypeError(f"{name}: expected a NumPy array or pn.Tensor, got {type(x).__name__}") from None
-    return tuple(x.shape), from_numpy_dtype(npdt), npdt
-
-
-def _dtype_name(dt, npdt) -> str:
-    return dt.value if dt is not None else str(npdt)
-
-
-def _float_dtype(x, name, *, hint_fp8: bool = True) -> DType:
-    shape, dt, npdt = _shape_dtype(x, name)
-    if dt in FLOAT_TYPES:
-        return dt
-    hint = ""
-    if dt is not None and dt.is_fp8 and hint_fp8:
-        hint = "; FP8 inputs go to paged_attention_fwd_fp8"
-    elif npdt == np.float64:
-        hint = "; float64 is not supported, cast with .astype(np.float32)"
-    raise TypeError(f"{name}: expected dtype f32, f16 or bf16, got {_dtype_name(dt, npdt)}{hint}")
-
-
-def _check_int_param(value, name, actual, what):
-    if value is None:
-        return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if int(value) != actual:
-        raise ValueError(f"{name}={int(value)} disagrees with {what} = {actual}")
-
-
-def _as_int(value, name) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _finite(value, name, *, positive: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0.0):
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name}: expected {what}, got {value}")
-    return value
-
-
-# (mask, smallest |bits| of inf / NaN) per storage type: a value is not finite when its bits with the
-# sign cleared are >= the threshold (E4M3 has no inf: 0x7f is its NaN).
-_NONFINITE_BITS = {DType.F16: (0x7FFF, 0x7C00), DType.BF16: (0x7FFF, 0x7F80),
-                   DType.FP8_E4M3: (0x7F, 0x7F), DType.FP8_E5M2: (0x7F, 0x7C)}
-
-
-def _host_values(x, dt: DType):
-    """x as a host NumPy array of its storage type, or None for device data (Tensors on a GPU
-    runtime: their kernels flag non-finite scores instead)."""
-    arr = x.storage if isinstance(x, Tensor) else x
-    if not isinstance(arr, np.ndarray):
-        if isinstance(x, Tensor) or hasattr(arr, "__cuda_array_interface__"):
-            return None
-        arr = np.asarray(arr)
-    return arr if arr.dtype == dt.storage else arr.view(dt.storage)
-
-
-def _nonfinite(arr: np.ndarray, dt: DType) -> np.ndarray:
-    """Boolean mask of the inf / NaN elements of storage ``arr`` of dtype ``dt``."""
-    if dt == DType.F32:
-        return ~np.isfinite(arr)
-    mask, bad = _NONFINITE_BITS[dt]
-    return (arr & mask) >= bad
-
-
-def _check_finite(x, dt: DType, name: str) -> None:
-    """ValueError naming ``name`` and the first index when a host array holds inf or NaN (one pass
-    when all is well: ``isfinite(...).all()`` for float32 -- the fastest NumPy form, ~60 us for a
-    prefill's 512 K elements -- and the max of the bits without sign for 16-bit / FP8)."""
-    arr = _host_values(x, dt)
-    if arr is None or arr.size == 0:
-        return
-    if dt == DType.F32:
-        if np.isfinite(arr).all():
-            return
-    else:
-        mask, bad = _NONFINITE_BITS[dt]
-        if int(np.bitwise_and(arr, mask).max()) < bad:
-            return
-    idx = tuple(int(i) for i in np.argwhere(_nonfinite(arr, dt))[0])
-    raise ValueError(f"{name}: expected finite values, got inf or NaN at {name}[{', '.join(map(str, idx))}]")
-
-
-def _check_lse(lse, dt: DType) -> None:
-    """The backward's lse: finite, or -inf for a row that sees no key; NaN and +inf are errors."""
-    arr = _host_values(lse, dt)
-    if arr is None or arr.size == 0:
-        return
-    hi = arr.max()                      # NaN propagates through max; +inf is the max when present
-    if not (np.isnan(hi) or hi == np.inf):
-        return
-    idx = tuple(int(i) for i in np.argwhere(np.isnan(arr) | (arr == np.inf))[0])
-    raise ValueError(f"lse: expected the forward's lse (finite, or -inf for a row that sees no key), got "
-                     f"{float(arr[idx])} at lse[{', '.join(map(str, idx))}]")
-
-
-def _host_ints(x, name) -> np.ndarray:
-    if isinstance(x, Tensor):
-        arr = x.numpy()
-    else:
-        arr = np.asarray(x)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
-    return arr
-
-
-def _pool_shape(k_blocks, v_blocks) -> tuple:
-    """The pools' common shape [N, bs, Hkv, D] or [N, bs, D], or ValueError."""
-    ks, _, _ = _shape_dtype(k_blocks, "k_blocks")
-    vs, _, _ = _shape_dtype(v_blocks, "v_blocks")
-    if len(ks) not in (3, 4):
-        raise ValueError(f"k_blocks: expected 4-D [N, bs, Hkv, D] or 3-D [N, bs, D], got {len(ks)}-D shape {ks}")
-    if vs != ks:
-        raise ValueError(f"v_blocks: expected the shape of k_blocks {ks}, got {vs}")
-    return ks
 
 
 def _qkv_shapes(q, k_blocks, v_blocks):
@@ -475,21 +343,6 @@ def fwd_config(q, k_blocks, v_blocks, block_table, num_heads=None, num_kv_heads=
     return PagedAttnConfig(q_dtype=qd, kv_dtype=kd, **fields)
 
 
-def _fp8_kv_dtype(x, name, fmt) -> DType:
-    _, dt, npdt = _shape_dtype(x, name)
-    if dt is not None and dt.is_fp8:
-        if fmt is not None and dt != fmt:
-            raise TypeError(f"{name}: dtype {dt.value} disagrees with fp8_format {fmt.value}")
-        return dt
-    if npdt == np.uint8:
-        if fmt is None:
-            raise TypeError(f"{name}: raw uint8 FP8 codes need fp8_format='e4m3' or 'e5m2'")
-        return fmt
-    hint = "; float K/V go to paged_attention_fwd" if dt in FLOAT_TYPES else ""
-    raise TypeError(f"{name}: expected FP8 (float8_e4m3fn / float8_e5m2, or uint8 with fp8_format), "
-                    f"got {_dtype_name(dt, npdt)}{hint}")
-
-
 def fp8_dtypes(q, k_blocks, v_blocks, fp8_format=None) -> tuple:
     """(q dtype, kv dtype) of ``paged_attention_fwd_fp8``: FP8 K/V of one format; q FP8 of it, or
     F32 / F16 / BF16."""
@@ -565,13 +418,6 @@ def bwd_config(dout, q, k_blocks, v_blocks, output, lse, block_table, num_heads=
 
 # ------------------------------------------------------------------------------ plans
 
-def _positive_int(value, name, *, minimum=1) -> int:
-    value = _as_int(value, name)
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
-
-
 def plan_config(block_table, seq_lens=None, *, num_heads, num_kv_heads, head_dim, block_size, q_len=1,
                 causal=False, scale=None, cu_seqlens_q=None, window_left=-1, softcap=0.0,
                 alibi_slopes=None) -> PagedAttnConfig:
@@ -639,194 +485,6 @@ def first_block_outside(cfg, N: int) -> str:
             f"(sequence {b} has {int(cfg.seq_lens[b])} tokens, so logical block {j} is read)")
 
 
-# ------------------------------------------------------------------------------ write_kv
-
-@dataclass(frozen=True, eq=False)
-class WriteKVConfig:
-    """A validated ``write_kv`` call: pools [N, bs, Hkv, D], new rows [T, Hkv, D]."""
-    N: int
-    bs: int
-    Hkv: int
-    D: int
-    T: int
-    kv_3d: bool                  # the pools were given as [N, bs, D]
-    pool_dtype: DType
-    src_dtype: DType             # k / v: the pool's dtype, or F32 / F16 / BF16 for FP8 pools
-    slots: np.ndarray            # int64 [T], each < N * bs; negative = skipped; no duplicates
-    k_scale: float = 1.0         # float32-representable, > 0; 1.0 for float pools
-    v_scale: float = 1.0
-
-    @property
-    def pool_shape(self) -> tuple:
-        return (self.N, self.bs, self.Hkv, self.D)
-
-    @property
-    def src_shape(self) -> tuple:
-        return (self.T, self.Hkv, self.D)
-
-    @property
-    def n_written(self) -> int:
-        return int((self.slots >= 0).sum())
-
-
-def _pool_dtype(x, name, fmt) -> DType:
-    _, dt, npdt = _shape_dtype(x, name)
-    if dt in FLOAT_TYPES:
-        if fmt is not None:
-            raise TypeError(f"{name}: dtype {dt.value} is not FP8, but fp8_format={fmt.value} was given")
-        return dt
-    if (dt is not None and dt.is_fp8) or npdt == np.uint8:
-        return _fp8_kv_dtype(x, name, fmt)
-    hint = "; float64 is not supported, cast with .astype(np.float32)" if npdt == np.float64 else ""
-    raise TypeError(f"{name}: expected dtype f32, f16, bf16, fp8_e4m3 or fp8_e5m2, got "
-                    f"{_dtype_name(dt, npdt)}{hint}")
-
-
-def _writable_pool(x, name):
-    """A pool is written in place: a Tensor, or a writable C-contiguous NumPy array."""
-    if isinstance(x, Tensor):
-        return
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array or pn.Tensor (written in place), got {type(x).__name__}")
-    if not x.flags.writeable:
-        raise ValueError(f"{name}: the array is read-only, but write_kv writes into it in place")
-    if not x.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array (written in place), got strides {x.strides}; "
-                         "use np.ascontiguousarray and keep the result")
-
-
-def _pool_scale(value, name, dt: DType) -> float:
-    value = _finite(value, name, positive=True)
-    if not dt.is_fp8:
-        if value != 1.0:
-            raise ValueError(f"{name}: scales apply to FP8 pools only; got {value:g} for a {dt.value} pool")
-        return 1.0
-    f = np.float32(value)
-    if not (0.0 < f < np.inf):
-        raise ValueError(f"{name}: expected a float32-representable number > 0, got {value:g}")
-    return float(f)
-
-
-def write_kv_config(k_blocks, v_blocks, k, v, slot_mapping, *, k_scale=1.0, v_scale=1.0,
-                    fp8_format=None) -> WriteKVConfig:
-    """Config of ``write_kv``: pools [N, bs, Hkv, D] (or [N, bs, D]) of one dtype, written in place;
-    k, v [T, Hkv, D] (or [T, D]) in the pool's dtype (FP8 pools: F32 / F16 / BF16, quantized as
-    value / scale); slot_mapping int [T], each slot < N * bs, negative = skip, no slot twice."""
-    fmt = None if fp8_format is None else fp8_dtype(fp8_format)
-    for name, x in (("k_blocks", k_blocks), ("v_blocks", v_blocks)):
-        _writable_pool(x, name)
-    pd = _pool_dtype(k_blocks, "k_blocks", fmt)
-    vd = _pool_dtype(v_blocks, "v_blocks", fmt)
-    if vd != pd:
-        raise TypeError(f"v_blocks: expected k_blocks' dtype {pd.value}, got {vd.value}")
-    ks = _pool_shape(k_blocks, v_blocks)
-    if k_blocks is v_blocks or _same_memory(k_blocks, v_blocks):
-        raise ValueError("v_blocks: shares memory with k_blocks; K and V need pools of their own")
-    kv_3d = len(ks) == 3
-    N, bs, D = ks[0], ks[1], ks[-1]
-    Hkv = 1 if kv_3d else ks[2]
-    what = "[T, D]" if kv_3d else f"[T, Hkv={Hkv}, D={D}]"
-    rs, rdt, rnp = _shape_dtype(k, "k")
-    if len(rs) != len(ks) - 1 or tuple(rs[1:]) != tuple(ks[2:]):
-        raise ValueError(f"k: expected {what} (the pool's trailing axes {tuple(ks[2:])}), got shape {tuple(rs)}")
-    T = rs[0]
-    vrs, vdt, vnp = _shape_dtype(v, "v")
-    if tuple(vrs) != tuple(rs):
-        raise ValueError(f"v: expected k's shape {tuple(rs)}, got {tuple(vrs)}")
-    for name, dt, npdt in (("k", rdt, rnp), ("v", vdt, vnp)):
-        if pd.is_fp8:
-            if dt not in FLOAT_TYPES:
-                hint = "; float64 is not supported, cast with .astype(np.float32)" if npdt == np.float64 else ""
-                raise TypeError(f"{name}: expected f32, f16 or bf16 values to quantize into the {pd.value} pool, "
-                                f"got {_dtype_name(dt, npdt)}{hint}")
-        elif dt != pd:
-            raise TypeError(f"{name}: expected the pool's dtype {pd.value}, got {_dtype_name(dt, npdt)} "
-                            f"(cast with .astype(...) first)")
-    src = rdt if pd.is_fp8 else pd
-    if vdt != rdt:
-        raise TypeError(f"v: expected k's dtype {rdt.value}, got {_dtype_name(vdt, vnp)}")
-    sm = _host_ints(slot_mapping, "slot_mapping")
-    if sm.shape != (T,):
-        raise ValueError(f"slot_mapping: expected 1-D [T={T}] (one slot per row of k), got shape {sm.shape}")
-    slots = np.array(sm, dtype=np.int64)
-    cap = N * bs
-    bad = np.flatnonzero(slots >= cap)
-    if bad.size:
-        t = int(bad[0])
-        raise ValueError(f"slot_mapping[{t}] = {int(sm[t])} is outside the pool's slots [0, {cap}) "
-                         f"({N} blocks x block_size {bs}); negative slots are skipped")
-    valid = np.flatnonzero(slots >= 0)
-    order = valid[np.argsort(slots[valid], kind="stable")]
-    dup = np.flatnonzero(slots[order[1:]] == slots[order[:-1]])
-    if dup.size:
-        i, j = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
-        raise ValueError(f"slot_mapping[{i}] and slot_mapping[{j}] are both {int(sm[i])}: a slot may be "
-                         "written once per call")
-    return WriteKVConfig(N=N, bs=bs, Hkv=Hkv, D=D, T=T, kv_3d=kv_3d, pool_dtype=pd, src_dtype=src,
-                         slots=slots, k_scale=_pool_scale(k_scale, "k_scale", pd),
-                         v_scale=_pool_scale(v_scale, "v_scale", pd))
-
-
-# ------------------------------------------------------------------------------ merge_state(s)
-
-@dataclass(frozen=True, eq=False)
-class MergeConfig:
-    """A validated ``merge_state`` (K = 2 states, v [R, D] after flattening the leading axes) or
-    ``merge_states`` (v [T, K, H, D]) call; ``out_shape`` / ``lse_shape`` are the results'."""
-    dtype: DType                 # v's dtype (F32 / F16 / BF16); the merged v has it too
-    v_shape: tuple
-    out_shape: tuple
-    lse_shape: tuple
-
-
-def _merge_v(x, name) -> DType:
-    return _float_dtype(x, name, hint_fp8=False)
-
-
-def _merge_s(x, name, want):
-    shape, dt, npdt = _shape_dtype(x, name)
-    if shape != tuple(want):
-        raise ValueError(f"{name}: expected shape {tuple(want)} (v's shape without its last axis), got {shape}")
-    if dt != DType.F32:
-        raise TypeError(f"{name}: expected dtype f32 (natural-log LSEs, as the forward returns them), got "
-                        f"{_dtype_name(dt, npdt)}")
-
-
-def merge_state_config(v_a, s_a, v_b, s_b) -> MergeConfig:
-    """Config of ``merge_state``: v_a, v_b [..., D] of one float dtype and shape, s_a, s_b float32
-    [...] (v's shape without D)."""
-    dt = _merge_v(v_a, "v_a")
-    va, _, _ = _shape_dtype(v_a, "v_a")
-    if len(va) < 1:
-        raise ValueError("v_a: expected at least 1-D [..., D], got a 0-D array")
-    vb, dtb, npb = _shape_dtype(v_b, "v_b")
-    if vb != va:
-        raise ValueError(f"v_b: expected v_a's shape {va}, got {vb}")
-    if dtb != dt:
-        raise TypeError(f"v_b: expected v_a's dtype {dt.value}, got {_dtype_name(dtb, npb)}")
-    _merge_s(s_a, "s_a", va[:-1])
-    _merge_s(s_b, "s_b", va[:-1])
-    return MergeConfig(dtype=dt, v_shape=va, out_shape=va, lse_shape=va[:-1])
-
-
-def merge_states_config(v, s) -> MergeConfig:
-    """Config of ``merge_states``: v [T, K, H, D] of a float dtype, s float32 [T, K, H]."""
-    dt = _merge_v(v, "v")
-    vs, _, _ = _shape_dtype(v, "v")
-    if len(vs) != 4:
-        raise ValueError(f"v: expected 4-D [T, K, H, D] (K states per row), got {len(vs)}-D shape {vs}")
-    _merge_s(s, "s", vs[:-1])
-    T, _, H, D = vs
-    return MergeConfig(dtype=dt, v_shape=vs, out_shape=(T, H, D), lse_shape=(T, H))
-
-
-def _same_memory(a, b) -> bool:
-    a = a.storage if isinstance(a, Tensor) else a
-    b = b.storage if isinstance(b, Tensor) else b
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return np.may_share_memory(a, b)
-    return a is b
-
-
-__all__ = ["DECODE_MAX_Q", "FP8_MAX", "PLAN_N", "first_block_outside", "max_block_read", "plan_config", "plan_pools", "plan_q", "MergeConfig", "PagedAttnConfig", "WriteKVConfig", "bwd_config",
-           "fwd_config", "fwd_fp8_config", "bwd_arrays", "fp8_dtypes", "fp8_scales", "fwd_dtypes", "merge_state_config", "merge_states_config", "write_kv_config"]
+__all__ = ["DECODE_MAX_Q", "FP8_MAX", "PLAN_N", "PagedAttnConfig", "bwd_arrays", "bwd_config", "first_block_outside",
+           "fp8_dtypes", "fp8_scales", "fwd_config", "fwd_dtypes", "fwd_fp8_config", "max_block_read", "plan_config",
+           "plan_pools", "plan_q"]
