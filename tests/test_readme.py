@@ -58,7 +58,7 @@ def test_readme_python_block_runs(code):
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    command = "python -m pytest -q -rs tests"
+    command = "python -m pytest -q -rs -n 2 tests"
     assert re.search(rf"^{re.escape(command)}\s", README, re.M), "README: the test command"
     assert ci.rstrip().splitlines()[-1].strip() == command, ".ci/run: the last line is the README's command"
 
