@@ -80,10 +80,14 @@ class PagedAttnConfig:
         return self.q_shape[:-1]
 
     @property
+    def score_mods(self) -> bool:
+        """A window, softcap or ALiBi modifies the scores."""
+        return self.window_left >= 0 or self.softcap != 0.0 or self.alibi_slopes is not None
+
+    @property
     def plain(self) -> bool:
         """The dense layout with unmodified scores (no window, softcap or ALiBi)."""
-        return (not self.ragged and self.window_left < 0 and self.softcap == 0.0
-                and self.alibi_slopes is None)
+        return not self.ragged and not self.score_mods
 
     def row_layout(self):
         """(row0 int32 [B], stride_h, stride_i): query i of sequence b, head h, is row

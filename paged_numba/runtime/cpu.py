@@ -106,8 +106,6 @@ class CpuClient(Client):
             row0, sh, si = cfg.row_layout()
             slopes = (cfg.alibi_slopes if cfg.alibi_slopes is not None else np.zeros(cfg.H, np.float32))
             out2, lse1 = out.reshape(-1, D), lse.reshape(-1)   # every row is some work item's: no fill
-            # A ragged batch without window / softcap / ALiBi runs the plain score loops.
-            mods = cfg.window_left >= 0 or cfg.softcap > 0.0 or cfg.alibi_slopes is not None
             for gemm, (ib, ik, iq, inq) in mod_items(cfg, _TQ_FWD).items():
                 est_us = 2 * D * float(np.sum(inq.astype(np.int64) * cfg.G * np.minimum(
                     cfg.seq_lens[ib], cfg.max_span))) / (_MACS_PER_US_GEMM if gemm else _MACS_PER_US_ROWS)
@@ -116,7 +114,9 @@ class CpuClient(Client):
                         readonly(cfg.q_lens), readonly(row0), int(sh), int(si), readonly(ib), readonly(ik),
                         readonly(iq), readonly(inq), float(qk_scale), float(out_scale), bool(cfg.causal),
                         int(cfg.window_left), float(cfg.softcap), readonly(slopes), out2, lse1)
-                launch(fwd_mods_kernel(cfg.q_dtype.code, cfg.kv_dtype.code, gemm, mods), args, ib.size, est_us)
+                # a ragged batch without window / softcap / ALiBi runs the plain score loops
+                launch(fwd_mods_kernel(cfg.q_dtype.code, cfg.kv_dtype.code, gemm, cfg.score_mods), args, ib.size,
+                       est_us)
             if np.isposinf(lse).any():
                 idx = tuple(int(x) for x in np.argwhere(np.isposinf(lse))[0])
                 raise ValueError(f"scale: the scores of row {idx} (of lse's shape {lse.shape}) are not finite: "
