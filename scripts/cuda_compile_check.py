@@ -97,6 +97,15 @@ def _merge_threads(D: int) -> int:
     return plan.merge_threads(D, False)
 
 
+def _hw_convert_variants(kvn: str):
+    """(HWCVT, cc bounds) of the decode and prefill kernels for K/V ``kvn``: E4M3 uses the FP8 pair
+    converter from sm_89 (``plan.fp8_hw_convert``) and the integer decode below; other K/V have one
+    variant."""
+    if kvn != "e4m3":
+        return [(False, {})]
+    return [(True, dict(min_cc=(8, 9))), (False, dict(below_cc=(8, 9)))]
+
+
 def specializations(quick: bool = False, partitions=None) -> list:
     """The kernel specializations the client can launch on a GPU: one dict per kernel, with
     ``kernel`` ("decode" / "tiled" / "merge"), ``spec`` (a label), ``factory`` (the factory's
@@ -128,9 +137,10 @@ def specializations(quick: bool = False, partitions=None) -> list:
                 # GQA groups (rows = 4) at both partition ends; one query row per KV head (MHA).
                 for rows, PT in [(4, PT) for PT in pts] + [(1, pts[0])]:
                     geo = plan.decode_geometry(D, kv.itemsize, wdt.itemsize, rows, PT, False)
-                    specs.append(dict(base, PT=PT, factory=dict(common, PT=PT, **geo),
-                                      spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
-                                      + f" PT={PT}"))
+                    for cvt, ccs in _hw_convert_variants(kvn):
+                        specs.append(dict(base, PT=PT, factory=dict(common, PT=PT, **geo, HWCVT=cvt), **ccs,
+                                          spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
+                                          + f" PT={PT}" + (" hwcvt" if cvt else "")))
     for D in HEAD_DIMS:   # the tensor-core prefill: F16 / BF16, head dims that are multiples of 16
         if D % 16:
             continue
@@ -138,10 +148,13 @@ def specializations(quick: bool = False, partitions=None) -> list:
             dt = dts[name]
             for kvn in (name, "e4m3", "e5m2"):
                 NW, MT, BK = plan.mma_tiles(D, False, kvn != name)
-                specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=kvn, out=name, PT=None,
-                                  factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code),
-                                  kv_storage=dts[kvn].storage.name,
-                                  spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"))
+                for cvt, ccs in _hw_convert_variants(kvn):
+                    specs.append(dict(kernel="prefill_mma", D=D, q=name, kv=kvn, out=name, PT=None, **ccs,
+                                      factory=dict(D=D, kind=dt.code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
+                                                   HWCVT=cvt),
+                                      kv_storage=dts[kvn].storage.name,
+                                      spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"
+                                      + (" hwcvt" if cvt else "")))
     # Score modifiers on (softcap and ALiBi: the kernels' SOFTCAP / ALIBI flags), for a few head dims
     # and dtypes: "decode+mods" / "tiled+mods" (window and ragged layouts are runtime arguments).
     for kernel in ("decode", "tiled"):
@@ -160,9 +173,10 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                       spec=f"{label} BQ={BQ} BK={BK} NT={NTT}"))
                     continue
                 geo = plan.decode_geometry(D, kv.itemsize, wdt.itemsize, 4, pts[0], False)
-                specs.append(dict(base, PT=pts[0], factory=dict(common, PT=pts[0], **geo),
-                                  spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
-                                  + f" PT={pts[0]}"))
+                for cvt, ccs in _hw_convert_variants(kvn):
+                    specs.append(dict(base, PT=pts[0], factory=dict(common, PT=pts[0], **geo, HWCVT=cvt), **ccs,
+                                      spec=f"{label} " + " ".join(f"{k}={v}" for k, v in geo.items())
+                                      + f" PT={pts[0]}" + (" hwcvt" if cvt else "")))
     for D in HEAD_DIMS:      # merge_state / merge_states (CudaClient.run_merge_state(s))
         for name in BWD_DTYPES:
             dt = dts[name]
@@ -177,11 +191,13 @@ def specializations(quick: bool = False, partitions=None) -> list:
             for window, mods in ((True, False), (False, True)):
                 NW, MT, BK = plan.mma_tiles(D, False, kvn != qn, window, mods)
                 tag = "window" if window else "mods"
-                specs.append(dict(kernel=f"prefill_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None,
-                                  factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
-                                               WINDOW=window, SOFTCAP=mods, ALIBI=mods),
-                                  kv_storage=dts[kvn].storage.name,
-                                  spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} {tag}"))
+                for cvt, ccs in _hw_convert_variants(kvn):
+                    specs.append(dict(kernel=f"prefill_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None, **ccs,
+                                      factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
+                                                   WINDOW=window, SOFTCAP=mods, ALIBI=mods, HWCVT=cvt),
+                                      kv_storage=dts[kvn].storage.name,
+                                      spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} {tag}"
+                                      + (" hwcvt" if cvt else "")))
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:

@@ -102,7 +102,7 @@ def main():
             tag = f"TT={TT:3d} NT={NT:4d} MAXREG={MAXREG:3d} PT={PT:5d} EPL={epl:2d} TX={TX:2d}"
             try:
                 kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, TX, NT,
-                                     R, PT, TT, MAXREG)
+                                     R, PT, TT, MAXREG, HWCVT=geo.fp8_hw_convert(rt.cc))
             except AssertionError:
                 print(f"{tag}: not a valid geometry", flush=True)
                 continue

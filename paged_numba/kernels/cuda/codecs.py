@@ -106,3 +106,49 @@ def encode_bits(x, code):
     if code == E4M3:
         return np.uint32(fp8_encode(f2u(x), _E4M3_P[0], _E4M3_P[1], _E4M3_P[2], _E4M3_P[3]))
     return np.uint32(fp8_encode(f2u(x), _E5M2_P[0], _E5M2_P[1], _E5M2_P[2], _E5M2_P[3]))
+
+
+# Two FP8 codes -> two F16 values (the low byte to the low half). Every E4M3 and E5M2 value is an
+# F16 value, so this is exact. E5M2 is the top byte of an F16, so its pair is two shifts on any GPU;
+# E4M3 pairs go through the hardware converter of sm_89+ (``cvt.rn.f16x2.e4m3x2``, one instruction
+# per two codes, against about seven integer operations per code in ``decode_bits``). A kernel
+# uses it only when its factory flag says the device has the instruction; on the simulator the twin
+# decodes each byte with ``decode_bits`` and rounds it to F16 (exact), the same bits.
+if SIM:
+    @cuda.jit(device=True, inline=True)
+    def fp8x2_to_f16x2(bits, code):
+        u = np.uint32(bits)
+        lo = f32_to_half(decode_bits(u & np.uint32(0xFF), code))
+        hi = f32_to_half(decode_bits((u >> np.uint32(8)) & np.uint32(0xFF), code))
+        return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+else:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _cvt_e4m3x2(typingctx, bits):
+        sig = _types.uint32(_types.uint32)
+
+        def codegen(context, builder, sg, args):
+            b16 = builder.trunc(args[0], _ir.IntType(16))
+            fnty = _ir.FunctionType(_ir.IntType(32), [_ir.IntType(16)])
+            asm = _ir.InlineAsm(fnty, "cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", side_effect=False)
+            return builder.call(asm, [b16])
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def fp8x2_to_f16x2(bits, code):
+        u = np.uint32(bits)
+        if code == E4M3:
+            return _cvt_e4m3x2(u)
+        return ((u & np.uint32(0xFF00)) << np.uint32(16)) | ((u & np.uint32(0xFF)) << np.uint32(8))
+
+
+@cuda.jit(device=True, inline=True)
+def fp8x2_decode(bits, code):
+    """The float32 values (low byte, high byte) of two FP8 codes of DType code ``code`` in the low
+    16 bits of ``bits``, through ``fp8x2_to_f16x2``."""
+    h2 = fp8x2_to_f16x2(bits, code)
+    return half_to_f32(h2 & np.uint32(0xFFFF)), half_to_f32(h2 >> np.uint32(16))

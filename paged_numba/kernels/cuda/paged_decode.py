@@ -52,7 +52,8 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 from ...dtypes import F32
-from .codecs import SIM, decode_bits, encode_bits
+from ...dtypes import E5M2
+from .codecs import SIM, decode_bits, encode_bits, fp8x2_decode
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -81,15 +82,20 @@ def _load_tile(k, v, slot_s, tid, base, ntok, kbuf, vbuf, NT, LPT, TW, W):
 
 
 @cuda.jit(device=True, inline=True)
-def _row_slice(tile, o, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code):
+def _row_slice(tile, o, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code, PAIRS):
     """This lane's elements (tx + TX * cc) * E + e of the tile row starting at word o, decoded into
-    xs[cc * E + e] (zeros past the row)."""
+    xs[cc * E + e] (zeros past the row); PAIRS: FP8 codes two at a time (``fp8x2_decode``)."""
     for cc in range(WPL):
         w = tx + TX * cc
         if EXACT or w < W:
             word = tile[np.uint64(o + w)]
-            for e in range(E):
-                xs[cc * E + e] = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
+            if PAIRS:
+                for e2 in range(E // 2):
+                    xs[cc * E + 2 * e2], xs[cc * E + 2 * e2 + 1] = fp8x2_decode(
+                        np.uint32((word >> WDT(16 * e2)) & WDT(0xFFFF)), kv_code)
+            else:
+                for e in range(E):
+                    xs[cc * E + e] = decode_bits((word >> WDT(e * EB)) & MASK, kv_code)
         else:
             for e in range(E):
                 xs[cc * E + e] = 0.0
@@ -109,12 +115,14 @@ def _modify(x, cap, inv_cap, slope, dist, SOFTCAP, ALIBI):
 @functools.cache
 def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: int, TX: int,
                   NT: int, R: int, PT: int, TT: int, MAXREG: int = 0, SOFTCAP: bool = False,
-                  ALIBI: bool = False):
+                  ALIBI: bool = False, HWCVT: bool = False):
     """The decode kernel specialized on head_dim, dtype codes, word size and geometry: TX lanes per
     token row, NT threads, R query rows, PT tokens per partition, TT tokens per shared-memory tile;
     MAXREG caps the registers per thread (0: no cap); SOFTCAP / ALIBI turn the score modifiers on
-    (plain attention pays nothing for them)."""
+    (plain attention pays nothing for them); HWCVT: the device has the FP8 -> F16 pair converter
+    (sm_89+), which E4M3 K/V then use (E5M2 pairs need none)."""
     EB = ELEM_BITS[kv_code]
+    PAIRS = EB == 8 and (kv_code == E5M2 or HWCVT)   # FP8 codes decoded two at a time
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
     WPL = (W + TX - 1) // TX       # words per lane
@@ -239,7 +247,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
             for i in range(SC_N):
                 sc[i] = 0.0
             for j in range(TPS):
-                _row_slice(ks, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code)
+                _row_slice(ks, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code, PAIRS)
                 for i in range(EPL):
                     for r in range(R):
                         sc[j * R + r] += xs[i] * qreg[r * EPL + i]
@@ -289,7 +297,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
                     sc[j * R + r] = p
                     lsum[r] += p
             for j in range(TPS):
-                _row_slice(vs, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code)
+                _row_slice(vs, (tz + NZ * j) * W, tx, xs, WDT, MASK, TX, WPL, E, EB, W, EXACT, kv_code, PAIRS)
                 for i in range(EPL):
                     for r in range(R):
                         acc[r * EPL + i] += sc[j * R + r] * xs[i]

@@ -46,8 +46,8 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint8, uint16, uint32
 
-from ...dtypes import E4M3, E5M2
-from .codecs import decode_bits
+from ...dtypes import E4M3, E5M2, F16
+from .codecs import decode_bits, fp8x2_decode, fp8x2_to_f16x2
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
                   quad_max, quad_sum, rcp_approx, udiv32)
 from .paged_decode import LN2, LOG2E
@@ -167,9 +167,10 @@ def _load_raw(sm8, k, v, slots, roff, tid, NT, BK, D):
 
 
 @cuda.jit(device=True, inline=True)
-def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code):
+def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code, PAIRS):
     """FP8 K/V: decode the staged codes (exactly: every E4M3 / E5M2 value is a BF16 and an F16
-    value) into the 16-bit tile buffers at koff / voff (uint16 element offsets), 4 codes a step."""
+    value) into the 16-bit tile buffers at koff / voff (uint16 element offsets), 4 codes a step;
+    PAIRS: two codes at a time into F16 (``fp8x2_to_f16x2``), which an F16 tile stores as is."""
     Q4 = D // 4
     for i in range((BK * Q4 + NT - 1) // NT):
         c = tid + NT * i
@@ -179,25 +180,36 @@ def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code):
         cq = c % Q4
         for kv in range(2):
             word = sm32[(roff + kv * BK * D + j * D + 4 * cq) // 4]
-            x = cuda.local.array(4, float32)
-            for e in range(4):
-                x[e] = decode_bits((word >> np.uint32(8 * e)) & np.uint32(0xFF), kv_code)
             dst = ((voff if kv else koff) + j * DP + 4 * cq) // 2
-            sm32[dst] = pack2(kind, x[0], x[1])
-            sm32[dst + 1] = pack2(kind, x[2], x[3])
+            if PAIRS and kind == F16:
+                sm32[dst] = fp8x2_to_f16x2(word & np.uint32(0xFFFF), kv_code)
+                sm32[dst + 1] = fp8x2_to_f16x2(word >> np.uint32(16), kv_code)
+            elif PAIRS:
+                x0, x1 = fp8x2_decode(word & np.uint32(0xFFFF), kv_code)
+                x2, x3 = fp8x2_decode(word >> np.uint32(16), kv_code)
+                sm32[dst] = pack2(kind, x0, x1)
+                sm32[dst + 1] = pack2(kind, x2, x3)
+            else:
+                x = cuda.local.array(4, float32)
+                for e in range(4):
+                    x[e] = decode_bits((word >> np.uint32(8 * e)) & np.uint32(0xFF), kv_code)
+                sm32[dst] = pack2(kind, x[0], x[1])
+                sm32[dst + 1] = pack2(kind, x[2], x[3])
 
 
 @functools.cache
 def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None, SOFTCAP: bool = False,
-                   ALIBI: bool = False, WINDOW: bool = False):
+                   ALIBI: bool = False, WINDOW: bool = False, HWCVT: bool = False):
     """The tensor-core prefill for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16
     code: q, out and the mma), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
     tiles), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys per tile (a
     multiple of 16); SOFTCAP / ALIBI turn the score modifiers on and WINDOW the sliding window (plain
-    attention pays nothing for them)."""
+    attention pays nothing for them); HWCVT: the device has the FP8 -> F16 pair converter (sm_89+),
+    which E4M3 codes then go through (E5M2 pairs need none)."""
     kv_code = kind if kv_code is None else kv_code
     MOD = SOFTCAP or ALIBI
     KV8 = kv_code in (E4M3, E5M2)
+    PAIRS = kv_code == E5M2 or (kv_code == E4M3 and HWCVT)   # FP8 codes decoded two at a time
     NT = 32 * NW
     WR = 16 * MT                 # rows per warp
     BQ = WR * NW
@@ -295,7 +307,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         cp_async_wait_all()
         cuda.syncthreads()
         if KV8 and n_tiles > 0:
-            _convert_raw(sm32, ROFF, KOFF, VOFF, tid, NT, BK, D, DP, kind, kv_code)
+            _convert_raw(sm32, ROFF, KOFF, VOFF, tid, NT, BK, D, DP, kind, kv_code, PAIRS)
 
         qf = cuda.local.array(QF_N, uint32)
         qa = (w * WR + l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)      # this lane's Q fragment row
@@ -405,7 +417,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                 cp_async_wait_all()
                 cuda.syncthreads()      # everyone's codes of tile it + 1 landed
                 _convert_raw(sm32, ROFF, KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP,
-                             kind, kv_code)
+                             kind, kv_code, PAIRS)
 
         bad = not amax * c_bad < np.inf
         for rr in range(R_N):

@@ -283,7 +283,7 @@ class CudaClient(Client):
                                  rt.simulator)
         n_parts = lp.n_parts
         kern = decode_kernel(D, cfg.q_dtype.code, kd.code, cfg.q_dtype.code, wdt.itemsize * 8, PT=lp.PT,
-                             **lp.geometry, **self._mods(cfg))
+                             **lp.geometry, **self._mods(cfg), HWCVT=_plan.fp8_hw_convert(rt.cc))
         kr = k.reshape(k.size).view(wdt)    # flat word arrays
         vr = v.reshape(v.size).view(wdt)
         shape = (seqs.size, cfg.H, sq, n_parts)
@@ -317,7 +317,8 @@ class CudaClient(Client):
         window = cfg.window_left >= 0
         mods = self._mods(cfg)
         NW, MT, BK = _plan.mma_tiles(D, self.runtime.simulator, kd.is_fp8, window, any(mods.values()))
-        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods)
+        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods,
+                              HWCVT=_plan.fp8_hw_convert(self.runtime.cc))
         args = (q2.reshape(q2.size), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                 meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)

@@ -73,6 +73,12 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
     return dict(TX=TX, NT=NT, R=R, TT=TT)
 
 
+def fp8_hw_convert(cc: tuple) -> bool:
+    """Whether a device of compute capability ``cc`` has the FP8 -> F16 pair converter
+    (``cvt.rn.f16x2.e4m3x2``, sm_89 and later) that the decode kernel then uses for E4M3 K/V."""
+    return tuple(cc) >= (8, 9)
+
+
 def partition(max_len: int, row_blocks: int, sm_count: int, sim: bool) -> int:
     """Tokens per split-K partition: the longest (up to ``DECODE_MAX_PT``, down to 64) that still
     gives every SM a thread block -- long partitions amortize each block's set-up and the merge;

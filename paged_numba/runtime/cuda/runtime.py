@@ -40,11 +40,12 @@ class CudaRuntime(Runtime):
                 raise RuntimeUnavailableError(f"no usable CUDA GPU or driver was found; {_FIX}")
         if self.simulator:
             self.sm_count = 1
+            self.cc = (9, 0)   # what the simulator's twins stand in for
             self.device = Device("cuda", 0, "numba CUDA simulator")
         else:
             dev = cuda.get_current_device()
             name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-            cc = dev.compute_capability
+            cc = self.cc = tuple(dev.compute_capability)
             self.sm_count = int(dev.MULTIPROCESSOR_COUNT)
             self.device = Device("cuda", int(dev.id), f"{name}, sm_{cc[0]}{cc[1]}, {self.sm_count} SMs")
         self.client = CudaClient(self)
