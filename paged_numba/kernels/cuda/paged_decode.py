@@ -120,14 +120,16 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     token row, NT threads, R query rows, PT tokens per partition, TT tokens per shared-memory tile;
     MAXREG caps the registers per thread (0: no cap); SOFTCAP / ALIBI turn the score modifiers on
     (plain attention pays nothing for them); HWCVT: the device has the FP8 -> F16 pair converter
-    (sm_89+), which E4M3 K/V then use (E5M2 pairs need none)."""
+    (sm_89+), which E4M3 K/V then use (E5M2 pairs need none) on geometries with whole rows per lane."""
     EB = ELEM_BITS[kv_code]
-    PAIRS = EB == 8 and (kv_code == E5M2 or HWCVT)   # FP8 codes decoded two at a time
     E = word_bits // EB            # elements per word
     W = D // E                     # words per row
     WPL = (W + TX - 1) // TX       # words per lane
     EPL = WPL * E                  # elements per lane
     EXACT = WPL * TX == W          # every lane holds WPL words of the row
+    # FP8 codes decoded two at a time -- where every lane holds whole words of the row (EXACT): with
+    # the guards of a partial row (D 40 / 80) the pairs' registers spill, so those keep decode_bits.
+    PAIRS = EB == 8 and (kv_code == E5M2 or HWCVT) and EXACT
     NZ = NT // TX                  # token slots: thread (tx, tz) = (lane of a row, slot)
     TPS = TT // NZ                 # tokens of a tile per slot
     TW = TT * W                    # words of a tile, per pool
