@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ...dtypes import BF16, E4M3, F16, F32, FP8_E4M3_PARAMS, FP8_E5M2_PARAMS, fp8_encode_bits
+from ...dtypes import BF16, E4M3, E5M2, F16, F32, FP8_E4M3_PARAMS, FP8_E5M2_PARAMS, fp8_encode_bits
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 
@@ -144,6 +144,12 @@ else:
         if code == E4M3:
             return _cvt_e4m3x2(u)
         return ((u & np.uint32(0xFF00)) << np.uint32(16)) | ((u & np.uint32(0xFF)) << np.uint32(8))
+
+
+def fp8_pairs(kv_code: int, hwcvt: bool) -> bool:
+    """Whether a kernel factory decodes K/V of DType code ``kv_code`` in pairs (``fp8x2_*``): E5M2
+    always, E4M3 when the device has the converter (``hwcvt``), nothing else."""
+    return kv_code == E5M2 or (kv_code == E4M3 and hwcvt)
 
 
 @cuda.jit(device=True, inline=True)

@@ -52,8 +52,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 from ...dtypes import F32
-from ...dtypes import E5M2
-from .codecs import SIM, decode_bits, encode_bits, fp8x2_decode
+from .codecs import SIM, decode_bits, encode_bits, fp8_pairs, fp8x2_decode
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -129,7 +128,7 @@ def decode_kernel(D: int, q_code: int, kv_code: int, out_code: int, word_bits: i
     EXACT = WPL * TX == W          # every lane holds WPL words of the row
     # FP8 codes decoded two at a time -- where every lane holds whole words of the row (EXACT): with
     # the guards of a partial row (D 40 / 80) the pairs' registers spill, so those keep decode_bits.
-    PAIRS = EB == 8 and (kv_code == E5M2 or HWCVT) and EXACT
+    PAIRS = fp8_pairs(kv_code, HWCVT) and EXACT
     NZ = NT // TX                  # token slots: thread (tx, tz) = (lane of a row, slot)
     TPS = TT // NZ                 # tokens of a tile per slot
     TW = TT * W                    # words of a tile, per pool

@@ -47,7 +47,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint8, uint16, uint32
 
 from ...dtypes import E4M3, E5M2, F16
-from .codecs import decode_bits, fp8x2_decode, fp8x2_to_f16x2
+from .codecs import decode_bits, fp8_pairs, fp8x2_decode, fp8x2_to_f16x2
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
                   quad_max, quad_sum, rcp_approx, udiv32)
 from .paged_decode import LN2, LOG2E
@@ -209,7 +209,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
     kv_code = kind if kv_code is None else kv_code
     MOD = SOFTCAP or ALIBI
     KV8 = kv_code in (E4M3, E5M2)
-    PAIRS = kv_code == E5M2 or (kv_code == E4M3 and HWCVT)   # FP8 codes decoded two at a time
+    PAIRS = fp8_pairs(kv_code, HWCVT)   # FP8 codes decoded two at a time
     NT = 32 * NW
     WR = 16 * MT                 # rows per warp
     BQ = WR * NW

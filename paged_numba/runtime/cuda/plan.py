@@ -75,7 +75,8 @@ def decode_geometry(D: int, kv_bytes: int, word_bytes: int, rows: int, PT: int, 
 
 def fp8_hw_convert(cc: tuple) -> bool:
     """Whether a device of compute capability ``cc`` has the FP8 -> F16 pair converter
-    (``cvt.rn.f16x2.e4m3x2``, sm_89 and later) that the decode kernel then uses for E4M3 K/V."""
+    (``cvt.rn.f16x2.e4m3x2``, sm_89 and later) that the decode and prefill kernels then use for E4M3
+    K/V."""
     return tuple(cc) >= (8, 9)
 
 
