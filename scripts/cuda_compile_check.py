@@ -46,6 +46,7 @@ process); run as a script, it clears the variable itself.
 from __future__ import annotations
 
 import argparse
+import itertools
 import contextlib
 import json
 import os
@@ -106,6 +107,14 @@ def _hw_convert_variants(kvn: str):
     return [(True, dict(min_cc=(8, 9))), (False, dict(below_cc=(8, 9)))]
 
 
+def _tf32_variants(plan, D: int):
+    """(cc, cc bounds) of the 3xTF32 prefill at head dim D: one variant where ``plan.mma_tiles``
+    picks the same tiles on sm_80 and sm_90, else one per side of 9.0."""
+    if plan.mma_tiles(D, False, tf32=True, cc=(8, 0)) == plan.mma_tiles(D, False, tf32=True, cc=(9, 0)):
+        return [((9, 0), {})]
+    return [((9, 0), dict(min_cc=(9, 0))), ((8, 0), dict(below_cc=(9, 0)))]
+
+
 def specializations(quick: bool = False, partitions=None) -> list:
     """The kernel specializations the client can launch on a GPU: one dict per kernel, with
     ``kernel`` ("decode" / "tiled" / "merge"), ``spec`` (a label), ``factory`` (the factory's
@@ -155,6 +164,13 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                       kv_storage=dts[kvn].storage.name,
                                       spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"
                                       + (" hwcvt" if cvt else "")))
+        if D > 128:
+            continue
+        for cc, ccs in _tf32_variants(plan, D):     # F32: 3xTF32 over float32 tiles (uint32 views)
+            NW, MT, BK = plan.mma_tiles(D, False, tf32=True, cc=cc)
+            specs.append(dict(kernel="prefill_mma", D=D, q="f32", kv="f32", out="f32", PT=None, q_storage="uint32",
+                              factory=dict(D=D, kind=dts["f32"].code, NW=NW, BK=BK, MT=MT), kv_storage="uint32",
+                              **ccs, spec=f"D={D} q=f32 kv=f32 NW={NW} MT={MT} BK={BK} 3xtf32"))
     # Score modifiers on (softcap and ALiBi: the kernels' SOFTCAP / ALIBI flags), for a few head dims
     # and dtypes: "decode+mods" / "tiled+mods" (window and ragged layouts are runtime arguments).
     for kernel in ("decode", "tiled"):
@@ -186,16 +202,20 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                   factory=dict(D=D, code=dt.code, NT=MT), spec=f"D={D} {name} NT={MT}"))
     for D in MOD_HEAD_DIMS:   # the tensor-core prefill with a sliding window, or with softcap + ALiBi
         for qn, kvn, _ in MOD_DTYPE_TRIPLES:
-            if qn not in ("f16", "bf16"):
+            tf32 = qn == "f32"
+            if qn not in ("f16", "bf16") and not (tf32 and kvn == "f32" and D <= 128):
                 continue
-            for window, mods in ((True, False), (False, True)):
-                NW, MT, BK = plan.mma_tiles(D, False, kvn != qn, window, mods)
+            for (window, mods), (cc, tccs) in itertools.product(((True, False), (False, True)),
+                                                                _tf32_variants(plan, D) if tf32 else [((9, 0), {})]):
+                NW, MT, BK = plan.mma_tiles(D, False, kvn != qn, window, mods, tf32, cc)
+                storage = dict(q_storage="uint32", kv_storage="uint32") if tf32 else dict(
+                    kv_storage=dts[kvn].storage.name)
                 tag = "window" if window else "mods"
-                for cvt, ccs in _hw_convert_variants(kvn):
+                for cvt, ccs in (_hw_convert_variants(kvn) if not tf32 else [(False, tccs)]):
                     specs.append(dict(kernel=f"prefill_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None, **ccs,
                                       factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
                                                    WINDOW=window, SOFTCAP=mods, ALIBI=mods, HWCVT=cvt),
-                                      kv_storage=dts[kvn].storage.name,
+                                      **storage,
                                       spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} {tag}"
                                       + (" hwcvt" if cvt else "")))
     outs = []
@@ -296,9 +316,9 @@ def _signature(spec):
     if kind == "merge_states":
         return nt.void(arr(spec["out_storage"], 4), arr(f32, 3), arr(spec["out_storage"], 3), arr(f32, 2))
     work = arr("int32", 2)
-    if kind == "prefill_mma":  # flat uint16 q, flat k / v storage, out as uint32 pairs, flat lse
-        u16, kv = arr("uint16", 1), arr(spec["kv_storage"], 1)
-        return nt.void(u16, kv, kv, arr("int32", 2), arr("int32", 1), work, nt.int64, nt.int64, nt.int64,
+    if kind == "prefill_mma":  # flat uint16 q (F32: uint32), flat k / v storage, out as uint32 words, flat lse
+        qa, kv = arr(spec.get("q_storage", "uint16"), 1), arr(spec["kv_storage"], 1)
+        return nt.void(qa, kv, kv, arr("int32", 2), arr("int32", 1), work, nt.int64, nt.int64, nt.int64,
                        nt.int64, nt.int64, nt.float64, nt.float64, nt.boolean, nt.int64, nt.float64,
                        arr(f32, 1), arr("uint32", 1), arr(f32, 1), arr("int32", 1))
     if kind == "merge":

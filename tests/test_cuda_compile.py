@@ -39,6 +39,10 @@ MOD_HEAD_DIMS = (64, 128, 256)
 MOD_DTYPE_TRIPLES = (("f32", "f32", "f32"), ("bf16", "bf16", "bf16"), ("bf16", "e4m3", "bf16"))
 MOD_BWD_DTYPES = ("f32", "bf16")
 MMA_MOD_PAIRS = (("bf16", "bf16"), ("bf16", "e4m3"))   # (q, kv) of the 16-bit MOD triples
+# the 3xTF32 prefill (F32 q and K/V): tensor-core head dims up to 128, with a window / softcap + ALiBi
+# at the MOD head dims up to 128
+TF32_HEAD_DIMS = tuple(D for D in MMA_HEAD_DIMS if D <= 128)
+TF32_MOD_HEAD_DIMS = tuple(D for D in MOD_HEAD_DIMS if D <= 128)
 # the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128; with a window: BF16 at
 # the MOD head dims up to 128
 BWD_MMA_HEAD_DIMS = tuple(D for D in MMA_HEAD_DIMS if D <= 128)
@@ -92,6 +96,7 @@ def _assert_report(rows, stdout, ccs, partitions):
         assert got == want, f"tiled {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == "prefill_mma" and r["cc"] == cc}
         want = {(D, name, kv) for D in MMA_HEAD_DIMS for name in ("f16", "bf16") for kv in (name, "e4m3", "e5m2")}
+        want |= {(D, "f32", "f32") for D in TF32_HEAD_DIMS}
         assert got == want, f"prefill_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["out"]) for r in rows if r["kernel"] == "merge" and r["cc"] == cc}
         want = {(D, out) for D in HEAD_DIMS for out in OUT_DTYPES}
@@ -116,6 +121,7 @@ def _assert_report(rows, stdout, ccs, partitions):
         for kernel in ("prefill_mma+window", "prefill_mma+mods"):
             got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
             want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
+            want |= {(D, "f32", "f32") for D in TF32_MOD_HEAD_DIMS}
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma" and r["cc"] == cc}
         want = {(D, name) for D in BWD_MMA_HEAD_DIMS for name in ("f16", "bf16")}
@@ -132,7 +138,8 @@ def _assert_report(rows, stdout, ccs, partitions):
               + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS)
               + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
               + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS)
-              + 2 * len(BWD_MMA_HEAD_DIMS) + len(BWD_MMA_WINDOW_HEAD_DIMS))
+              + 2 * len(BWD_MMA_HEAD_DIMS) + len(BWD_MMA_WINDOW_HEAD_DIMS)
+              + len(TF32_HEAD_DIMS) + 2 * len(TF32_MOD_HEAD_DIMS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

@@ -1,6 +1,7 @@
 """The tensor-core primitives of ``kernels/cuda/mma.py``, one warp at a time: cp.async (with its
-zero fill), ldmatrix x4 (plain and .trans), mma m16n8k16 for BF16 and F16, pack2 and the quad
-reductions, and the two-element float32 atomic add. On a GPU these are the inline-PTX instructions; on the CUDA simulator their twins --
+zero fill), ldmatrix x4 (plain and .trans), mma m16n8k16 for BF16 and F16, mma m16n8k8 for TF32
+with ``to_tf32`` / ``tf32_split`` (3xTF32), pack2 and the quad reductions, and the two-element
+float32 atomic add. On a GPU these are the inline-PTX instructions; on the CUDA simulator their twins --
 the same fragment semantics, so the same probe kernel must give the same products."""
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ pytestmark = pytest.mark.skipif("cuda" not in RUNTIMES, reason="no CUDA runtime 
 if "cuda" in RUNTIMES:
     from numba import cuda, float32, uint16, uint32
 
+    from paged_numba.kernels.cuda.codecs import i2f
     from paged_numba.kernels.cuda.mma import (cp_async16, cp_async_commit, cp_async_wait_all, ldsm_x4,
-                                              ldsm_x4_t, mma, pack2, quad_max, quad_sum, red_add2)
+                                              ldsm_x4_t, mma, pack2, quad_max, quad_sum, red_add2, tf32_split,
+                                              to_tf32)
 
 
 @functools.cache
@@ -139,3 +142,70 @@ def test_cuda_red_add2():
         want[2 * p] += 0.5 * sel.sum()
         want[2 * p + 1] -= sel.sum()
     np.testing.assert_array_equal(got, want)
+
+
+def _tf32_rna(x):
+    """NumPy TF32 rounding of float32 (nearest, ties away from zero), as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@functools.cache
+def _tf32_probe():
+    from paged_numba.dtypes import F32
+
+    @cuda.jit
+    def probe(a, b, x, rounded, single, triple):
+        # a [16, 8] (m x k), b [8, 8] (k x n) float32; fragments read straight from global memory.
+        lane = cuda.threadIdx.x
+        g = lane // 4
+        t = lane % 4
+        ah = cuda.local.array(4, uint32)
+        al = cuda.local.array(4, uint32)
+        bh = cuda.local.array(2, uint32)
+        bl = cuda.local.array(2, uint32)
+        for j in range(4):
+            ah[j], al[j] = tf32_split(a[g + 8 * (j % 2), t + 4 * (j // 2)])
+        for j in range(2):
+            bh[j], bl[j] = tf32_split(b[t + 4 * j, g])
+        acc = cuda.local.array(4, float32)
+        for j in range(4):
+            acc[j] = 0.0
+        mma(F32, acc, 0, ah, 0, bh, 0)          # one TF32 product of the high parts
+        for j in range(4):
+            single[g + 8 * (j // 2), 2 * t + j % 2] = acc[j]
+            acc[j] = 0.5                        # accumulates onto C = 0.5
+        mma(F32, acc, 0, al, 0, bh, 0)
+        mma(F32, acc, 0, ah, 0, bl, 0)
+        mma(F32, acc, 0, ah, 0, bh, 0)
+        for j in range(4):
+            triple[g + 8 * (j // 2), 2 * t + j % 2] = acc[j]
+        for i in range(lane, x.size, 32):
+            rounded[i] = i2f(to_tf32(x[i]))
+
+    return probe
+
+
+def test_cuda_tf32_mma_and_split():
+    """``to_tf32`` rounds to nearest with ties away from zero (bit for bit against NumPy, on random
+    values and on exact ties); one m16n8k8 TF32 mma of the high parts gives the product of the
+    TF32-rounded operands; the 3xTF32 sum (lo hi + hi lo + hi hi, onto C) reaches float32 accuracy."""
+    rng = np.random.default_rng(seed_of("mma-tf32"))
+    A = rng.standard_normal((16, 8)).astype(np.float32)
+    Bm = rng.standard_normal((8, 8)).astype(np.float32)
+    ties = (np.arange(1, 65, dtype=np.uint32) << np.uint32(13) | np.uint32(0x1000)).view(np.float32)
+    x = np.concatenate([rng.standard_normal(192).astype(np.float32) * 100, ties, -ties])
+    rounded = np.zeros_like(x)
+    single = np.zeros((16, 8), np.float32)
+    triple = np.zeros((16, 8), np.float32)
+    args = [cuda.to_device(v) for v in (A, Bm, x, rounded, single, triple)]
+    _tf32_probe()[1, 32](*args)
+    rounded, single, triple = (v.copy_to_host() for v in args[3:])
+    np.testing.assert_array_equal(rounded.view(np.uint32), _tf32_rna(x).view(np.uint32))
+    ref_single = _tf32_rna(A).astype(np.float64) @ _tf32_rna(Bm).astype(np.float64)
+    np.testing.assert_allclose(single, ref_single, atol=1e-5, rtol=1e-5)
+    ref = A.astype(np.float64) @ Bm.astype(np.float64) + 0.5
+    err3 = np.abs(triple - ref).max()
+    err1 = np.abs(single + 0.5 - ref).max()
+    assert err3 < 2e-6, f"3xTF32 error {err3}"
+    assert err3 < err1 / 20, f"3xTF32 error {err3} not far below one TF32 product's {err1}"

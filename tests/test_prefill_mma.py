@@ -3,7 +3,8 @@ are multiples of 16) against the float64 oracle, at shapes small enough for the 
 (where its mma / ldmatrix / cp.async twins run the same fragment indexing): several row tiles and
 key tiles (the double buffer), GQA / MQA / MHA, block sizes 1 / 3 / 16, causal and not, Sq > L,
 L = 0, shared blocks, NaN in unused slots, ragged batches, windows, softcap and ALiBi. Each case also checks that the tensor-core kernel is
-the one that ran, and matches the SIMT tiled kernel within the dtype's tolerance."""
+the one that ran, and matches the SIMT tiled kernel within the dtype's tolerance. F32 (3xTF32):
+float32 tolerances, and an error against float64 within 2x of the SIMT kernel's."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import paged_numba as pn
 from paged_numba.ops.reference import paged_attention_fwd_ref
-from helpers import (BF16, F16, OUT_TOL, RUNTIMES, assert_fwd_close, assert_unchanged, make_case, reference,
+from helpers import (BF16, F16, F32, OUT_TOL, RUNTIMES, assert_fwd_close, assert_unchanged, make_case, reference,
                      seed_of, snapshot)
 
 SIM_OK = True
@@ -166,3 +167,51 @@ def test_cuda_mma_prefill_softcap_alibi(spy, dtype, softcap, alibi, window, fp8)
     assert len(spy) == 1, "the tensor-core prefill did not run"
     assert spy[0][1].get("SOFTCAP") == (softcap > 0) and spy[0][1].get("ALIBI") == alibi
     assert_fwd_close(out, lse, ref_out, ref_lse, dtype)
+
+
+def _rel_err(out, ref):
+    """Largest |out - ref| over the outputs, relative to the largest |ref| (rows with keys)."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+F32_CASES = [CASES[0], CASES[2], CASES[3], "ragged-mods"]
+F32_IDS = ["gqa-shared", "mqa-bs1-sq>L", "square", "ragged-win-softcap-alibi"]
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=F32_IDS)
+def test_cuda_mma_prefill_f32_3xtf32(spy, case):
+    """F32 q / K / V on tensor cores (3xTF32: each operand a TF32 high part plus a TF32 residual,
+    three m16n8k8 products per step): float32 tolerances against the float64 oracle, and an error
+    within 2x of the SIMT kernel's on the same inputs (floor: one float32 ulp, 2**-24)."""
+    rng = np.random.default_rng(seed_of("mma-f32", F32_IDS[F32_CASES.index(case)]))
+    if case == "ragged-mods":
+        B, H, Hkv, D, bs = 3, 4, 2, 16, 4
+        lens, qn = [9, 30, 21], np.array([6, 17, 0])
+        _, k, v, bt, sl = make_case(rng, B, H, Hkv, 1, D, bs, lens, F32, shared=True)
+        cu = np.concatenate([[0], np.cumsum(qn)]).astype(np.int32)
+        q = (2.0 * rng.standard_normal((int(cu[-1]), H, D))).astype(F32)
+        kw = dict(seq_lens=sl, causal=True, cu_seqlens_q=cu, window_left=11, softcap=5.0,
+                  alibi_slopes=rng.uniform(0.05, 1.0, H).astype(np.float32))
+        arrays = (q, k, v, bt, sl, cu)
+    else:
+        B, H, Hkv, Sq, D, bs, lens, causal, shared = case
+        q, k, v, bt, sl = make_case(rng, B, H, Hkv, Sq, D, bs, lens, F32, shared=shared)
+        kw = dict(seq_lens=sl, causal=causal)
+        arrays = (q, k, v, bt, sl)
+    before = snapshot(*arrays)
+    out, lse = pn.paged_attention_fwd(q, k, v, bt, runtime="cuda", **kw)
+    assert_unchanged(before, *arrays)
+    assert len(spy) == 1, "the tensor-core prefill did not run"
+    ref_out, ref_lse = paged_attention_fwd_ref(q, k, v, bt, **kw)
+    assert_fwd_close(out, lse, ref_out, ref_lse, F32)
+
+    client = pn.get_runtime("cuda").client
+    client.prefill_mma = False
+    try:
+        simt_out, _ = pn.paged_attention_fwd(q, k, v, bt, runtime="cuda", **kw)
+    finally:
+        client.prefill_mma = True
+    assert len(spy) == 1, "prefill_mma = False must select the SIMT kernel"
+    err, err_simt = _rel_err(out, ref_out), _rel_err(simt_out, ref_out)
+    assert err <= 2 * max(err_simt, 2.0 ** -24), f"3xTF32 error {err:.2e}, SIMT {err_simt:.2e}"

@@ -1,7 +1,8 @@
 """Tensor-core primitives for the CUDA kernels: ``mma.sync`` m16n8k16 (BF16 / F16 in, float32
-accumulators), ``ldmatrix`` (x4, and ``.trans``) from shared memory, ``cp.async`` 16-byte
-global -> shared copies with commit / wait groups, the packing, quad-reduction and 32-bit
-division helpers, and a two-element float32 atomic add (``red.global.add.v2.f32``, sm_90).
+accumulators) and m16n8k8 (TF32 in; ``to_tf32`` and ``tf32_split`` make 3xTF32 operands),
+``ldmatrix`` (x4, and ``.trans``) from shared memory, ``cp.async`` 16-byte global -> shared copies
+with commit / wait groups, the packing, quad-reduction and 32-bit division helpers, and a
+two-element float32 atomic add (``red.global.add.v2.f32``, sm_90).
 
 On a GPU each primitive is one PTX instruction emitted as llvmlite ``InlineAsm`` through numba's
 ``@intrinsic`` (no NVRTC-linked helper, so ``cache=True`` works). Inline PTX cannot run on the CUDA
@@ -18,6 +19,11 @@ uint32 register holds two 16-bit elements, the lower column / k index in the low
 - B (16 x 8, k x n), 2 registers: b0 = B[2t:2t+2, g], b1 = B[2t+8:2t+10, g];
 - C / D (16 x 8, float32), 4 registers: c0, c1 = C[g, 2t], C[g, 2t+1]; c2, c3 = C[g+8, 2t], C[g+8, 2t+1].
 
+``mma.m16n8k8`` TF32 (one 32-bit element per register): A (16 x 8), a0 = A[g, t], a1 = A[g+8, t],
+a2 = A[g, t+4], a3 = A[g+8, t+4]; B (8 x 8), b0 = B[t, g], b1 = B[t+4, g]; C / D as above.
+
+``lds2`` / ``lds4``: 8- / 16-byte loads of a 32-bit shared array (``ld.shared.v2`` / ``.v4``).
+
 ``ldmatrix.m8n8.x4.b16``: lane 8 * i + r gives the address of row r of 8 x 8 matrix i (8
 consecutive 16-bit elements, 16-byte aligned); register i of lane 4 * g + t receives matrix i's
 elements [g, 2t], [g, 2t+1] -- with ``.trans``, [2t, g], [2t+1, g].
@@ -28,9 +34,9 @@ shared ``uint16`` arrays); indices must be in bounds and, for ldmatrix / cp.asyn
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32, int64, uint32
+from numba import cuda, float32, int64
 
-from ...dtypes import BF16
+from ...dtypes import BF16, F32
 from .codecs import SIM, f2u, i2f, half_to_f32, f32_to_half, encode_bits
 
 NWMAX = 4          # warps per block the simulator twins have scratch for
@@ -58,8 +64,8 @@ if not SIM:
         fnty = ir.FunctionType(ret, [a.type for a in args])
         return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
 
-    def _mma_intrinsic(ptx_type):
-        text = (f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32 "
+    def _mma_intrinsic(ptx_type, k=16):
+        text = (f"mma.sync.aligned.m16n8k{k}.row.col.f32.{ptx_type}.{ptx_type}.f32 "
                 "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
 
         @intrinsic
@@ -87,6 +93,18 @@ if not SIM:
 
     _mma_bf16 = _mma_intrinsic("bf16")
     _mma_f16 = _mma_intrinsic("f16")
+    _mma_tf32 = _mma_intrinsic("tf32", 8)
+
+    @intrinsic
+    def to_tf32(typingctx, x):
+        """x rounded to TF32 (``cvt.rna.tf32.f32``: 10 mantissa bits, ties away from zero), as the
+        bits of a float32 whose low 13 bits are zero."""
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, sg, args):
+            return _asm(builder, _I32, [args[0]], "cvt.rna.tf32.f32 $0, $1;", "=r,f", side_effect=False)
+
+        return sig, codegen
 
     def _ldsm_intrinsic(trans):
         text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "")
@@ -113,6 +131,38 @@ if not SIM:
 
     _ldsm_x4 = _ldsm_intrinsic(False)
     _ldsm_x4_t = _ldsm_intrinsic(True)
+
+    def _lds_intrinsic(n):
+        regs = ",".join(f"${j}" for j in range(n))
+        text = f"ld.shared.v{n}.u32 {{{regs}}}, [${n}];"
+
+        @intrinsic
+        def impl(typingctx, smem, idx):
+            ret = types.UniTuple(types.uint32, n)
+            sig = ret(smem, types.int64)
+
+            def codegen(context, builder, sg, args):
+                addr = _shared_addr(builder, _elem_ptr(context, builder, sg.args[0], args[0], args[1]))
+                res = _asm(builder, ir.LiteralStructType([_I32] * n), [addr], text,
+                           ",".join(["=r"] * n) + ",r,~{memory}")
+                return context.make_tuple(builder, ret, [builder.extract_value(res, j) for j in range(n)])
+
+            return sig, codegen
+
+        return impl
+
+    _lds_v2 = _lds_intrinsic(2)
+    _lds_v4 = _lds_intrinsic(4)
+
+    @cuda.jit(device=True, inline=True)
+    def lds2(smem, idx):
+        """(smem[idx], smem[idx + 1]) of a 32-bit shared array as one 8-byte load (idx even)."""
+        return _lds_v2(smem, int64(idx))
+
+    @cuda.jit(device=True, inline=True)
+    def lds4(smem, idx):
+        """smem[idx:idx + 4] of a 32-bit shared array as one 16-byte load (idx a multiple of 4)."""
+        return _lds_v4(smem, int64(idx))
 
     @intrinsic
     def _cp_async16(typingctx, dst, di, src, si, nbytes):
@@ -211,10 +261,13 @@ if not SIM:
 
     @cuda.jit(device=True, inline=True)
     def mma(kind, d, di, a, ai, b, bi):
-        """d[di:di+4] += A @ B for the fragments a[ai:ai+4] (A, 16 x 16) and b[bi:bi+2] (B,
-        16 x 8) of 16-bit type ``kind`` (BF16 or F16, a compile-time constant)."""
+        """d[di:di+4] += A @ B for the fragments a[ai:ai+4] and b[bi:bi+2] of type ``kind`` (a
+        compile-time constant): BF16 / F16, m16n8k16 (A 16 x 16, B 16 x 8); F32, m16n8k8 on TF32
+        operands (A 16 x 8, B 8 x 8: registers holding ``to_tf32`` bits)."""
         if kind == BF16:
             _mma_bf16(d, int64(di), a, int64(ai), b, int64(bi))
+        elif kind == F32:
+            _mma_tf32(d, int64(di), a, int64(ai), b, int64(bi))
         else:
             _mma_f16(d, int64(di), a, int64(ai), b, int64(bi))
 
@@ -279,6 +332,13 @@ else:
         return half_to_f32(h)
 
     @cuda.jit(device=True)
+    def to_tf32(x):
+        u = f2u(np.float32(x))
+        if u & np.uint32(0x7F800000) == np.uint32(0x7F800000):     # inf / NaN: kept
+            return u
+        return (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)    # nearest, ties away from zero
+
+    @cuda.jit(device=True)
     def mma(kind, d, di, a, ai, b, bi):
         A = cuda.shared.array((NWMAX, 16, 16), float32)
         Bm = cuda.shared.array((NWMAX, 16, 8), float32)
@@ -286,6 +346,21 @@ else:
         w = cuda.threadIdx.x // 32
         g = lane // 4
         t = lane % 4
+        if kind == F32:     # m16n8k8 TF32: a_j = A[g + 8 (j % 2), t + 4 (j // 2)], b_j = B[t + 4 j, g]
+            for j in range(4):
+                A[w, g + 8 * (j % 2), t + 4 * (j // 2)] = i2f(np.uint32(a[ai + j]) & np.uint32(0xFFFFE000))
+            for j in range(2):
+                Bm[w, t + 4 * j, g] = i2f(np.uint32(b[bi + j]) & np.uint32(0xFFFFE000))
+            cuda.syncthreads()
+            for j in range(4):
+                r = g + 8 * (j // 2)
+                c = 2 * t + j % 2
+                acc = np.float32(d[di + j])
+                for kk in range(8):
+                    acc = np.float32(acc + A[w, r, kk] * Bm[w, kk, c])
+                d[di + j] = acc
+            cuda.syncthreads()
+            return
         for j in range(4):
             r = g + 8 * (j % 2)
             c = 2 * t + 8 * (j // 2)
@@ -332,6 +407,14 @@ else:
     @cuda.jit(device=True)
     def ldsm_x4_t(frag, fi, smem, idx):
         _ldsm(frag, fi, smem, idx, True)
+
+    @cuda.jit(device=True)
+    def lds2(smem, idx):
+        return np.uint32(smem[idx]), np.uint32(smem[idx + 1])
+
+    @cuda.jit(device=True)
+    def lds4(smem, idx):
+        return np.uint32(smem[idx]), np.uint32(smem[idx + 1]), np.uint32(smem[idx + 2]), np.uint32(smem[idx + 3])
 
     @cuda.jit(device=True)
     def cp_async16(dst, di, src, si, nbytes):
@@ -390,3 +473,12 @@ else:
     @cuda.jit(device=True)
     def quad_sum(x):
         return _quad(x, False)
+
+
+@cuda.jit(device=True, inline=True)
+def tf32_split(x):
+    """(hi, lo): hi = x rounded to TF32 (``to_tf32``), lo = the float32 bits of x - hi (exact), which
+    the TF32 mma reads truncated to TF32 (its low 13 bits ignored), so x = hi + lo to 2**-21 |x|:
+    the operand pair of the 3xTF32 products (hi hi + hi lo + lo hi; lo lo is below 2**-22 |x y|)."""
+    hi = to_tf32(x)
+    return hi, f2u(x - i2f(hi))

@@ -51,7 +51,7 @@ from .codecs import SIM
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
                   red_add2, udiv32)
 from .paged_decode import LOG2E
-from .paged_prefill import _load_kv, _resolve, q_row
+from .prefill_staging import load_kv, q_row, resolve_slots
 
 
 @cuda.jit(device=True, inline=True)
@@ -179,9 +179,9 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
         l2s = cuda.shared.array((2, BQ), float32)
         dls = cuda.shared.array((2, BQ), float32)
         pos = cuda.shared.array((2, BQ), int32)
-        _resolve(slots, table, b, kvh, k0, L, bs, Hkv, tid, BK)
+        resolve_slots(slots, table, b, kvh, k0, L, bs, Hkv, tid, BK)
         cuda.syncthreads()
-        _load_kv(sm, k, v, slots, KOFF, VOFF, tid, NT, BK, D, DP)
+        load_kv(sm, k, v, slots, KOFF, VOFF, tid, NT, BK, D, DP, DP, 8)
         _load_rows(sm, q, dout, r_lo, R, uG, kvh, row0, stride_h, stride_i, QOFF, DOFF, tid, NT, BQ, D, DP)
         _load_meta(l2s[0], dls[0], pos[0], lse2, delta, r_lo, R, uG, kvh, row0, stride_h, stride_i, first,
                    tid, NT, BQ)

@@ -1,23 +1,27 @@
 """Paged-attention prefill on tensor cores (FlashAttention-2 structure over a block table), for
-F16 / BF16 q (K/V of q's dtype, or FP8 codes decoded into it) and head dims that are multiples of 16.
+F16 / BF16 q (K/V of q's dtype, or FP8 codes decoded into it) and F32 q / K / V (3xTF32), head dims
+that are multiples of 16.
 
 Symbols: B batch, H query heads, Hkv KV heads, G = H // Hkv, Sq_b queries of sequence b, D
 head_dim, N physical blocks, bs block_size, M max blocks per sequence; R = G * Sq_b query rows per
-(sequence, KV head); BQ = 16 * MT * NW rows per thread block, BK keys per tile, DP = D + 8.
+(sequence, KV head); BQ = 16 * MT * NW rows per thread block, BK keys per tile, DP = D + 8 (F32:
+D + 4) tile elements per row.
 
 ``prefill_kernel(...)`` arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
-- ``q``        flat uint16 [rows * D]: q as [rows, D]; query i of sequence b, head h, is row
+- ``q``        flat uint16 (F32: float32) [rows * D]: q as [rows, D]; query i of sequence b, head h, is row
   ``work[0, b] + h * stride_h + i * stride_i`` (the dense [B, H, Sq, D] and the ragged token-major
   [T, H, D] layouts differ only in the strides: ``q_row``)
-- ``k``, ``v`` flat [N * bs * Hkv * D] pools [N, bs, Hkv, D]: uint16 bits, or uint8 FP8 codes
+- ``k``, ``v`` flat [N * bs * Hkv * D] pools [N, bs, Hkv, D]: uint16 bits, uint8 FP8 codes, or
+  float32
 - ``table``    int32 [B, M]: token t of sequence b is slot ``t % bs`` of block ``table[b, t // bs]``
 - ``seq_lens`` int32 [B]; ``work`` int32 [4, B]: row 0 first q row, row 1 q_len, row 3 the tiled
   work list (the sequences this launch serves); ``H``, ``stride_h``, ``stride_i``, ``bs``, ``Hkv``;
   ``qk_scale`` multiplies q . k, ``out_scale`` the output; ``causal`` bottom-right aligned,
   ``window`` (>= 0: a query at p sees keys j >= p - window), ``softcap``, ``slopes`` float32 [H]
   (ALiBi; SOFTCAP / ALIBI factory flags)
-- ``out``      flat uint32 [rows * D / 2]: out as pairs of 16-bit elements
+- ``out``      flat uint32 [rows * D / 2]: out as pairs of 16-bit elements (F32: [rows * D], the
+  float32 bits)
 - ``lse``      float32 [rows] (natural log); ``flag`` int32 [1], set when a visible score is not
   finite (the client raises)
 
@@ -37,6 +41,15 @@ leaving registers, and O += P V (V fragments by ``ldmatrix.trans``). The block w
 its rows can see (from the first row's window start to the last row's causal limit); tiles that
 cross a row's bounds are masked; tokens past the last visible key are zero-filled, never read, so
 NaN in unused slots cannot reach a result. Row tiles are scheduled heaviest (latest queries) first.
+
+F32 (3xTF32): the tiles hold float32 (rows ``tf32_pads`` apart, so the fragment reads below hit
+distinct banks); each fragment element is read from shared memory (16-byte reads of Q / K rows,
+8-byte reads of V rows) and split into a TF32 high part and a residual (``tf32_split``), and every
+product is three m16n8k8 TF32 mma (lo hi, hi lo, hi hi), which keeps float32 accuracy. The mma's
+k index is permuted within each 16-dim chunk of Q K^T (alike in Q and K), the n index of P V
+within each 16-dim chunk of V and O, and P V takes its A fragments straight from the S
+accumulators (k = t is key 2 t, k = t + 4 key 2 t + 1, in P and V alike): P never leaves
+registers and a thread's 4 output elements of a chunk are adjacent.
 """
 from __future__ import annotations
 
@@ -46,19 +59,12 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint8, uint16, uint32
 
-from ...dtypes import E4M3, E5M2, F16
-from .codecs import decode_bits, fp8_pairs, fp8x2_decode, fp8x2_to_f16x2
+from ...dtypes import E4M3, E5M2, F32
+from .codecs import f2u, fp8_pairs, i2f
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
-                  quad_max, quad_sum, rcp_approx, udiv32)
+                  lds2, lds4, quad_max, quad_sum, rcp_approx, tf32_split, udiv32)
 from .paged_decode import LN2, LOG2E
-
-
-@cuda.jit(device=True, inline=True)
-def q_row(row0, h, i, stride_h, stride_i):
-    """Row of query i, head h of the sequence whose rows start at row0 (q / out as [rows, D], lse
-    as [rows]): the dense [B, H, Sq, D] layout and the token-major ragged one differ only in the
-    strides."""
-    return np.int64(row0) + np.int64(h) * stride_h + np.int64(i) * stride_i
+from .prefill_staging import convert_codes, load_codes, load_kv, q_row, resolve_slots
 
 
 @cuda.jit(device=True, inline=True)
@@ -110,98 +116,38 @@ def _online_step(s, o, m, lsum, rr, mx, c2, S1, O1, NS, NO):
         o[oo + dt * 4 + 1] *= alpha
 
 
-@cuda.jit(device=True, inline=True)
-def _resolve(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK):
-    """Threads 0 .. BK - 1 write into ``slots`` the pool row (slot * Hkv + kvh) of token k0 + tid
-    (-1 from kend on): one table read and one 32-bit division per token and tile."""
-    if tid < BK:
-        t = np.uint32(k0 + tid)
-        x = int32(-1)
-        if t < kend:
-            blk = udiv32(t, np.uint32(bs))
-            x = int32((table[b, blk] * bs + int32(t - blk * np.uint32(bs))) * Hkv + kvh)
-        slots[tid] = x
+def tf32_pads(D: int) -> tuple:
+    """(Q / K, V) tile row pitch in 32-bit words of the 3xTF32 prefill: 16-byte reads of Q / K rows
+    g, g + 1 at 4 t need a pitch of 16 (mod 32) to hit 32 banks per quarter warp, 8-byte reads of V
+    rows 2 t at 2 g one of 4 (mod 16) per half warp."""
+    return D + (16 if D % 32 == 0 else 32), D + 4
 
 
 @cuda.jit(device=True, inline=True)
-def _load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DP):
-    """Start the 16-byte copies of the K and V rows of a tile's tokens (pool rows in ``slots``,
-    -1: a zero row) into the tile buffers at koff / voff."""
-    CH = D // 8
-    for i in range((BK * CH + NT - 1) // NT):    # a compile-time trip count: unrolled
-        c = tid + NT * i
-        if BK * CH % NT and c >= BK * CH:
-            break
-        j = c // CH
-        ch = c % CH
-        row = slots[j]
-        src = np.int64(0)
-        n = 0
-        if row >= 0:
-            src = np.int64(row) * D + ch * 8
-            n = 16
-        dst = j * DP + ch * 8
-        cp_async16(sm, koff + dst, k, src, n)
-        cp_async16(sm, voff + dst, v, src, n)
+def _split_row(sm, i, hi, lo, fi, step):
+    """hi / lo[fi + step * e] = ``tf32_split`` of the float32 tile elements sm[i + e], e < 4 (one
+    16-byte read)."""
+    x0, x1, x2, x3 = lds4(sm, i)
+    hi[fi], lo[fi] = tf32_split(i2f(x0))
+    hi[fi + step], lo[fi + step] = tf32_split(i2f(x1))
+    hi[fi + 2 * step], lo[fi + 2 * step] = tf32_split(i2f(x2))
+    hi[fi + 3 * step], lo[fi + 3 * step] = tf32_split(i2f(x3))
 
 
 @cuda.jit(device=True, inline=True)
-def _load_raw(sm8, k, v, slots, roff, tid, NT, BK, D):
-    """FP8 K/V: start the 16-byte copies of a tile's code rows (D bytes each; -1: zeros) into the
-    staging area at byte roff (K, then V)."""
-    CH = D // 16
-    for i in range((BK * CH + NT - 1) // NT):
-        c = tid + NT * i
-        if BK * CH % NT and c >= BK * CH:
-            break
-        j = c // CH
-        ch = c % CH
-        row = slots[j]
-        src = np.int64(0)
-        n = 0
-        if row >= 0:
-            src = np.int64(row) * D + ch * 16
-            n = 16
-        cp_async16(sm8, roff + j * D + ch * 16, k, src, n)
-        cp_async16(sm8, roff + BK * D + j * D + ch * 16, v, src, n)
-
-
-@cuda.jit(device=True, inline=True)
-def _convert_raw(sm32, roff, koff, voff, tid, NT, BK, D, DP, kind, kv_code, PAIRS):
-    """FP8 K/V: decode the staged codes (exactly: every E4M3 / E5M2 value is a BF16 and an F16
-    value) into the 16-bit tile buffers at koff / voff (uint16 element offsets), 4 codes a step;
-    PAIRS: two codes at a time into F16 (``fp8x2_to_f16x2``), which an F16 tile stores as is."""
-    Q4 = D // 4
-    for i in range((BK * Q4 + NT - 1) // NT):
-        c = tid + NT * i
-        if BK * Q4 % NT and c >= BK * Q4:
-            break
-        j = c // Q4
-        cq = c % Q4
-        for kv in range(2):
-            word = sm32[(roff + kv * BK * D + j * D + 4 * cq) // 4]
-            dst = ((voff if kv else koff) + j * DP + 4 * cq) // 2
-            if PAIRS and kind == F16:
-                sm32[dst] = fp8x2_to_f16x2(word & np.uint32(0xFFFF), kv_code)
-                sm32[dst + 1] = fp8x2_to_f16x2(word >> np.uint32(16), kv_code)
-            elif PAIRS:
-                x0, x1 = fp8x2_decode(word & np.uint32(0xFFFF), kv_code)
-                x2, x3 = fp8x2_decode(word >> np.uint32(16), kv_code)
-                sm32[dst] = pack2(kind, x0, x1)
-                sm32[dst + 1] = pack2(kind, x2, x3)
-            else:
-                x = cuda.local.array(4, float32)
-                for e in range(4):
-                    x[e] = decode_bits((word >> np.uint32(8 * e)) & np.uint32(0xFF), kv_code)
-                sm32[dst] = pack2(kind, x[0], x[1])
-                sm32[dst + 1] = pack2(kind, x[2], x[3])
+def _mma3(d, di, ah, al, ai, bh, bl, bi):
+    """d[di:di+4] += A @ B as 3xTF32 (lo hi + hi lo first, then hi hi): float32 accuracy."""
+    mma(F32, d, di, al, ai, bh, bi)
+    mma(F32, d, di, ah, ai, bl, bi)
+    mma(F32, d, di, ah, ai, bh, bi)
 
 
 @functools.cache
 def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None, SOFTCAP: bool = False,
                    ALIBI: bool = False, WINDOW: bool = False, HWCVT: bool = False):
-    """The tensor-core prefill for head dim D (a multiple of 16), 16-bit type ``kind`` (BF16 / F16
-    code: q, out and the mma), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
+    """The tensor-core prefill for head dim D (a multiple of 16), type ``kind`` (BF16 / F16 code: q,
+    out and the m16n8k16 mma; F32: q, K/V and out float32, every product as 3xTF32 m16n8k8 mma --
+    ``tf32_split``), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
     tiles), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys per tile (a
     multiple of 16); SOFTCAP / ALIBI turn the score modifiers on and WINDOW the sliding window (plain
     attention pays nothing for them); HWCVT: the device has the FP8 -> F16 pair converter (sm_89+),
@@ -210,28 +156,36 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
     MOD = SOFTCAP or ALIBI
     KV8 = kv_code in (E4M3, E5M2)
     PAIRS = fp8_pairs(kv_code, HWCVT)   # FP8 codes decoded two at a time
+    TF = kind == F32             # 3xTF32: 32-bit tiles, fragments read element by element
     NT = 32 * NW
     WR = 16 * MT                 # rows per warp
     BQ = WR * NW
-    DP = D + 8
+    E = 4 if TF else 8           # tile elements per 16-byte copy
+    DP = D + 8                   # padded tile rows (16-bit elements): ldmatrix free of bank conflicts
+    DPQ, DPV = tf32_pads(D) if TF else (DP, DP)    # ... of Q / K and of V (TF32: lds4 / lds2 reads)
+    DPK = DPQ
+    TILE_T = uint32 if TF else uint16
     KS = D // 16                 # k-steps of S = Q K^T
     NS = BK // 8                 # n-tiles of S
     NO = D // 8                  # n-tiles of O
-    TILE = BK * DP
-    KOFF = BQ * DP               # smem (uint16 elements): Q | K0 K1 | V0 V1
-    VOFF = KOFF + 2 * TILE
-    ROFF = 2 * (VOFF + 2 * TILE)  # FP8: byte offset of the staged codes (BK * D bytes each of K, V)
+    TILEK, TILEV = BK * DPK, BK * DPV
+    KOFF = BQ * DPQ              # smem (TILE_T elements): Q | K0 K1 | V0 V1
+    VOFF = KOFF + 2 * TILEK
+    ROFF = 2 * (VOFF + 2 * TILEV)  # FP8: byte offset of the staged codes (BK * D bytes each of K, V)
     NEG_INF = float32(-np.inf)
-    CH = D // 8
-    Q_REGS = MT == 1 and D <= 128   # Q fragments kept in registers; else re-read per k-step
+    CH = D // E
+    Q_REGS = MT == 1 and D <= 128 and not TF   # Q fragments kept in registers; else re-read per k-step
     QF_N = KS * 4 if Q_REGS else 4 * MT
     S1, O1, P1 = NS * 4, NO * 4, BK // 4   # per m-tile: S / O accumulators, P fragments
     S_N, O_N, P_N, R_N = MT * S1, MT * O1, MT * P1, 2 * MT
+    PVG = NS                     # TF32: k-steps of 8 keys per group of the P V products
+    A_N, B_N = (max(8, 4 * PVG) * MT, 4) if TF else (1, 1)   # TF32 fragments (hi / lo)
+    C_N = max(S_N, 8 * MT) if TF else 1     # TF32: a chunk's partial sums
 
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, work, H, stride_h, stride_i, bs, Hkv, qk_scale, out_scale, causal,
                window, softcap, slopes, out, lse, flag):
-        sm = cuda.shared.array(0, uint16)
+        sm = cuda.shared.array(0, TILE_T)
         sm8 = cuda.shared.array(0, uint8)       # the same dynamic shared memory (FP8 staging)
         sm32 = cuda.shared.array(0, uint32)
         tid = cuda.threadIdx.x
@@ -290,24 +244,24 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             n = 0
             if r < R:
                 i = udiv32(r, uG)
-                src = q_row(row0, kvh * uG + (r - i * uG), i, stride_h, stride_i) * D + ch * 8
+                src = q_row(row0, kvh * uG + (r - i * uG), i, stride_h, stride_i) * D + ch * E
                 n = 16
-            cp_async16(sm, row * DP + ch * 8, q, src, n)
+            cp_async16(sm, row * DPQ + ch * E, q, src, n)
         # Pool rows of each tile's tokens, resolved two tiles ahead into a ring of 3 slot lists.
         slots = cuda.shared.array((3, BK), int32)
-        _resolve(slots[0], table, b, kvh, kbeg, kend, bs, Hkv, tid, BK)
-        _resolve(slots[1], table, b, kvh, kbeg + BK, kend, bs, Hkv, tid, BK)
+        resolve_slots(slots[0], table, b, kvh, kbeg, kend, bs, Hkv, tid, BK)
+        resolve_slots(slots[1], table, b, kvh, kbeg + BK, kend, bs, Hkv, tid, BK)
         cuda.syncthreads()
         if n_tiles > 0:
             if KV8:
-                _load_raw(sm8, k, v, slots[0], ROFF, tid, NT, BK, D)
+                load_codes(sm8, k, v, slots[0], ROFF, tid, NT, BK, D)
             else:
-                _load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DP)
+                load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DPK, DPV, E)
         cp_async_commit()
         cp_async_wait_all()
         cuda.syncthreads()
         if KV8 and n_tiles > 0:
-            _convert_raw(sm32, ROFF, KOFF, VOFF, tid, NT, BK, D, DP, kind, kv_code, PAIRS)
+            convert_codes(sm32, ROFF, KOFF, VOFF, tid, NT, BK, D, DP, kind, kv_code, PAIRS)
 
         qf = cuda.local.array(QF_N, uint32)
         qa = (w * WR + l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)      # this lane's Q fragment row
@@ -316,6 +270,15 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                 ldsm_x4(qf, ks * 4, sm, qa + ks * 16)
         ka = (l8 + 8 * (m8 // 2)) * DP + 8 * (m8 % 2)               # ... of K (rows = keys)
         va = (l8 + 8 * (m8 % 2)) * DP + 8 * (m8 // 2)               # ... of V (.trans)
+        if TF:      # TF32: elements [g, 4 t .. 4 t + 3] of Q / K (rows: queries / keys), [2 t, 2 g .. 2 g + 1] of V
+            qa = (w * WR + g) * DPQ + 4 * t4
+            ka = g * DPK + 4 * t4
+            va = 2 * t4 * DPV + 2 * g
+        ah = cuda.local.array(A_N, uint32)          # TF32: A fragments (hi / lo) of each m-tile
+        al = cuda.local.array(A_N, uint32)
+        bh = cuda.local.array(B_N, uint32)          # ... B fragments
+        bl = cuda.local.array(B_N, uint32)
+        part = cuda.local.array(C_N, float32)
         kf = cuda.local.array(4, uint32)
         pf = cuda.local.array(P_N, uint32)
         s = cuda.local.array(S_N, float32)
@@ -342,20 +305,40 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             r2 = r1 + 1 if r1 < 2 else 0
             if it + 1 < n_tiles:
                 if KV8:     # codes into the staging area now, decoded after this tile's math
-                    _load_raw(sm8, k, v, slots[r1], ROFF, tid, NT, BK, D)
+                    load_codes(sm8, k, v, slots[r1], ROFF, tid, NT, BK, D)
                 else:
-                    _load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT,
-                             BK, D, DP)
+                    load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILEK, VOFF + (1 - cur) * TILEV, tid, NT,
+                            BK, D, DPK, DPV, E)
             cp_async_commit()
             if it + 2 < n_tiles:   # read after the next iteration's syncthreads
-                _resolve(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
+                resolve_slots(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
             ring = r1
-            kb = KOFF + cur * TILE + ka
-            vb = VOFF + cur * TILE + va
+            kb = KOFF + cur * TILEK + ka
+            vb = VOFF + cur * TILEV + va
 
             for i in range(S_N):
                 s[i] = 0.0
-            for ks in range(KS):
+            if TF:
+                # S = Q K^T over 16-dim chunks, two k-steps each with the dims permuted alike in Q and
+                # K (k-step h: k = t is dim 4 t + 2 h, k = t + 4 dim 4 t + 2 h + 1), so one 16-byte
+                # read gives a row's elements of both k-steps.
+                # Each chunk's products go into zeroed partial sums, added to S by round-to-nearest
+                # float32 adds: the mma's own accumulation truncates, which over a long chain biases.
+                for c in range(D // 16):
+                    for i in range(S_N):
+                        part[i] = 0.0
+                    for mt in range(MT):
+                        a0 = qa + mt * 16 * DPQ + 16 * c
+                        _split_row(sm, a0, ah, al, mt * 8, 2)             # row g: a0 / a2 of each k-step
+                        _split_row(sm, a0 + 8 * DPQ, ah, al, mt * 8 + 1, 2)   # row g + 8: a1 / a3
+                    for nt in range(NS):        # one n-tile's K fragments at a time (registers)
+                        _split_row(sm, kb + nt * 8 * DPK + 16 * c, bh, bl, 0, 1)
+                        for h in range(2):
+                            for mt in range(MT):
+                                _mma3(part, mt * S1 + nt * 4, ah, al, mt * 8 + 4 * h, bh, bl, 2 * h)
+                    for i in range(S_N):
+                        s[i] += part[i]
+            for ks in range(0 if TF else KS):
                 if not Q_REGS:
                     for mt in range(MT):
                         ldsm_x4(qf, mt * 4, sm, qa + mt * 16 * DP + ks * 16)
@@ -402,12 +385,41 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             if MOD:    # a second pass over the rows: one loop body of both sizes would not be unrolled
                 for rr in range(R_N):
                     _online_step(s, o, m, lsum, rr, mrow[rr], c2, S1, O1, NS, NO)
-            for mt in range(MT):
+            if TF:
+                # O += P V over k-steps of 8 keys, the k index permuted (k = t <-> key 2 t, k = t + 4
+                # <-> key 2 t + 1, the same in P and V): the S accumulators are the A fragments.
+                # The n index is permuted too: in the n-tiles 2 c and 2 c + 1, n = g is dim 16 c + 2 g
+                # and 16 c + 2 g + 1, so one 8-byte read gives both tiles' element of a V row.
+                # A tile's products per 16-dim chunk go into zeroed partial sums added to O by
+                # float32 adds (as for S: the rescaled O accumulates over every key of the walk).
+                # Keys go in groups of PVG k-steps (the group's P fragments split once, in registers).
+                for g0 in range(0, NS, PVG):
+                    for mt in range(MT):
+                        for kg in range(PVG):
+                            c = mt * S1 + (g0 + kg) * 4
+                            for j in range(4):
+                                f = (mt * PVG + kg) * 4 + j
+                                ah[f], al[f] = tf32_split(s[c + 2 * (j % 2) + j // 2])
+                    for c in range(D // 16):
+                        for i in range(8 * MT):
+                            part[i] = 0.0
+                        for kg in range(PVG):
+                            for j in range(2):      # V rows of keys 2 t (b0) and 2 t + 1 (b1)
+                                x0, x1 = lds2(sm, vb + ((g0 + kg) * 8 + j) * DPV + 16 * c)
+                                bh[j], bl[j] = tf32_split(i2f(x0))
+                                bh[2 + j], bl[2 + j] = tf32_split(i2f(x1))
+                            for mt in range(MT):
+                                _mma3(part, mt * 8, ah, al, (mt * PVG + kg) * 4, bh, bl, 0)
+                                _mma3(part, mt * 8 + 4, ah, al, (mt * PVG + kg) * 4, bh, bl, 2)
+                        for mt in range(MT):
+                            for i in range(8):
+                                o[mt * O1 + 8 * c + i] += part[mt * 8 + i]
+            for mt in range(0 if TF else MT):
                 for kk in range(BK // 16):
                     for j in range(4):
                         src = mt * S1 + (2 * kk + j // 2) * 4 + 2 * (j % 2)
                         pf[mt * P1 + kk * 4 + j] = pack2(kind, s[src], s[src + 1])
-            for dp in range(D // 16):
+            for dp in range(0 if TF else D // 16):
                 for kk in range(BK // 16):
                     ldsm_x4_t(kf, 0, sm, vb + kk * 16 * DP + dp * 16)
                     for mt in range(MT):
@@ -416,7 +428,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             if KV8 and it + 1 < n_tiles:
                 cp_async_wait_all()
                 cuda.syncthreads()      # everyone's codes of tile it + 1 landed
-                _convert_raw(sm32, ROFF, KOFF + (1 - cur) * TILE, VOFF + (1 - cur) * TILE, tid, NT, BK, D, DP,
+                convert_codes(sm32, ROFF, KOFF + (1 - cur) * TILEK, VOFF + (1 - cur) * TILEV, tid, NT, BK, D, DP,
                              kind, kv_code, PAIRS)
 
         bad = not amax * c_bad < np.inf
@@ -434,17 +446,29 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                 if tot > 0:
                     inv = float32(out_scale) / tot
                 orow = q_row(row0, h, i, stride_h, stride_i)
-                base = orow * (D // 2)
                 oo = (rr // 2) * O1 + 2 * (rr % 2)
-                for dt in range(NO):
-                    out[base + dt * 4 + t4] = pack2(kind, o[oo + dt * 4] * inv, o[oo + dt * 4 + 1] * inv)
+                if TF:      # out: float32 bits; dims 16 c + 4 t .. + 3 (the permuted n index)
+                    for c in range(D // 16):
+                        at = orow * D + 16 * c + 4 * t4
+                        out[at] = f2u(o[oo + 8 * c] * inv)
+                        out[at + 1] = f2u(o[oo + 8 * c + 4] * inv)
+                        out[at + 2] = f2u(o[oo + 8 * c + 1] * inv)
+                        out[at + 3] = f2u(o[oo + 8 * c + 5] * inv)
+                else:       # out: pairs of 16-bit elements
+                    for dt in range(NO):
+                        out[orow * (D // 2) + dt * 4 + t4] = pack2(kind, o[oo + dt * 4] * inv,
+                                                                  o[oo + dt * 4 + 1] * inv)
                 if t4 == 0:
                     lse[orow] = (m[rr] + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
 
     return kernel
 
 
-def smem_bytes(D: int, NW: int, BK: int, MT: int = 1, fp8: bool = False) -> int:
+def smem_bytes(D: int, NW: int, BK: int, MT: int = 1, fp8: bool = False, tf32: bool = False) -> int:
     """Dynamic shared memory of ``prefill_kernel(D, kind, NW, BK, MT, kv_code)``: Q, two K and two V
-    tiles (and, for FP8 K/V, the staged codes of one K and one V tile)."""
+    tiles of 16-bit elements (F32, ``tf32``: of 32-bit elements, rows ``tf32_pads`` apart) and, for
+    FP8 K/V, the staged codes of one K and one V tile."""
+    if tf32:
+        dpq, dpv = tf32_pads(D)
+        return ((16 * MT * NW + 2 * BK) * dpq + 2 * BK * dpv) * 4
     return (16 * MT * NW + 4 * BK) * (D + 8) * 2 + (2 * BK * D if fp8 else 0)

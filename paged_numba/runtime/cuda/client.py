@@ -16,8 +16,9 @@ from .scratch import PlanState, Scratch, fill_metadata
 
 class CudaClient(Client):
     supports_score_mods = True    # cu_seqlens_q, window_left, softcap, alibi_slopes
-    #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) on tensor cores; False:
-    #: the SIMT tiled kernel (kept for F32, other head dims, FP8 q, and for comparisons).
+    #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) and F32 (3xTF32, head
+    #: dims up to 128) on tensor cores; False: the SIMT tiled kernel (kept for other head dims,
+    #: F32 q over FP8 K/V, FP8 q, and for comparisons).
     prefill_mma = True
     #: F16 / BF16 backward (head dims multiples of 16 up to 128, no softcap / ALiBi) on tensor
     #: cores; False: the SIMT kernels.
@@ -316,24 +317,30 @@ class CudaClient(Client):
         sq = int(cfg.q_lens[cfg.tiled_seqs].max())
         window = cfg.window_left >= 0
         mods = self._mods(cfg)
-        NW, MT, BK = _plan.mma_tiles(D, self.runtime.simulator, kd.is_fp8, window, any(mods.values()))
+        tf32 = cfg.q_dtype.code == F32
+        NW, MT, BK = _plan.mma_tiles(D, self.runtime.simulator, kd.is_fp8, window, any(mods.values()), tf32,
+                                     self.runtime.cc)
         kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods,
                               HWCVT=_plan.fp8_hw_convert(self.runtime.cc))
-        args = (q2.reshape(q2.size), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens, meta.work,
+        flat = (lambda x: x.reshape(x.size).view(np.uint32)) if tf32 else (lambda x: x.reshape(x.size))
+        args = (flat(q2), flat(k), flat(v), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                 meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
         grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
         roles = {0: ("q", (), q2.dtype.itemsize), 1: ("k", (), kd.itemsize), 2: ("v", (), kd.itemsize),
                  17: ("out", (), 4), 18: ("lse", (), 4)}
-        return [Launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8), args, roles)]
+        return [Launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8, tf32), args, roles)]
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
-        exactly into q's dtype), head dims that are multiples of 16 and 16-byte aligned q / K / V
-        (cp.async copies 16 bytes); ragged batches, windows, softcap and ALiBi."""
+        exactly into q's dtype), F32 q with F32 K/V (3xTF32, head dims up to 128: at 256 its registers
+        would spill), head dims that are multiples of 16 and
+        16-byte aligned q / K / V (cp.async copies 16 bytes); ragged batches, windows, softcap and
+        ALiBi."""
         code = cfg.q_dtype.code
-        if not (self.prefill_mma and code in (F16, BF16) and cfg.D % 16 == 0
-                and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)):
+        if not (self.prefill_mma and cfg.D % 16 == 0
+                and (code in (F16, BF16) and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)
+                     or code == F32 and cfg.kv_dtype.code == F32 and cfg.D <= 128)):
             return False
         if self.runtime.simulator:
             return True

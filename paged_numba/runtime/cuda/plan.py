@@ -92,7 +92,17 @@ def partition(max_len: int, row_blocks: int, sm_count: int, sim: bool) -> int:
     return pt
 
 
-def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: bool = False) -> tuple:
+# The 3xTF32 prefill (F32, head dims up to 128): 8 warps of 16 rows over 32-key tiles, up to 255
+# registers at D 128 and no spills on sm_90 (41.5 TFLOP/s in the H200 sweep of
+# scripts/prefill_probe.py --sweep; 16-key tiles 32.1; 2 m-tiles per warp 42.3 but spilling on sm_80
+# and with softcap / ALiBi). Below sm_90 ptxas spills 8-20 B at D 128 over 32-key tiles, so head
+# dims above 64 take 16-key tiles there (184-199 registers, no spills).
+TF32_TILES = (8, 1, 32)
+TF32_TILES_PRE_SM90 = (8, 1, 16)
+
+
+def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: bool = False,
+              tf32: bool = False, cc: tuple = (9, 0)) -> tuple:
     """(NW warps, MT m-tiles of 16 query rows per warp, BK keys per tile) of the tensor-core prefill
     for head dim D (a multiple of 16); K/V tiles are double buffered in dynamic shared memory
     (``paged_prefill.smem_bytes``). Up to D 128: 4 warps of 32 rows (each K / V fragment read from
@@ -101,10 +111,14 @@ def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: 
     decode pass needs registers of its own), a sliding window (per-row lower bounds) or the score
     modifiers (softcap / ALiBi: per-score work; 32-row warps spill) 8 warps of 16 rows over 64-key
     tiles, the fastest spill-free 16-row layout of the sweep; D 256: 16 rows per warp (the O
-    accumulators take 128 registers), over 16-key tiles with the modifiers. The simulator runs 1 warp of 2 m-tiles over 16-key tiles
+    accumulators take 128 registers), over 16-key tiles with the modifiers. F32 (``tf32``, 3xTF32 on
+    32-bit tiles): ``TF32_TILES``, below compute capability ``cc`` 9.0 ``TF32_TILES_PRE_SM90`` for
+    head dims above 64. The simulator runs 1 warp of 2 m-tiles over 16-key tiles
     (tests swap in others)."""
     if sim:
         return 1, 2, 16
+    if tf32:
+        return TF32_TILES_PRE_SM90 if D > 64 and tuple(cc) < (9, 0) else TF32_TILES
     if D > 128:
         return 4, 1, 16 if mods else 32
     return (8, 1, 64) if fp8 or window or mods else (4, 2, 32)
