@@ -16,9 +16,9 @@ and for one row per KV head at 2048; words of ``plan.word_dtype``) and ``tiled_k
 ``plan.tile_shape(D, sim=False)``); ``merge_kernel`` for each head dim and output dtype; and the
 backward's kernels (``kernels/cuda/paged_attention_bwd.py``: delta, dK/dV, dQ for each head dim and
 F32 / F16 / BF16 with the tiles of ``plan.bwd_tiles(D, sim=False)``, the zero fill, the 16-bit encode) and
-the tensor-core backward (``paged_backward_mma.py``, "bwd_mma": F16 / BF16, head dims multiples of 16
-up to 128, tiles of ``plan.mma_bwd_tiles``; "bwd_mma+window" for BF16 at ``MOD_HEAD_DIMS`` <= 128; on
-sm_90 with vector reductions, ``VRED``, below without). Signatures
+the tensor-core backward (``paged_backward_mma.py``, "bwd_mma": F16 / BF16 and F32 (3xTF32, uint32
+views), head dims multiples of 16 up to 128, tiles of ``plan.mma_bwd_tiles``; "bwd_mma+window" for
+BF16 / F32 at ``MOD_HEAD_DIMS`` <= 128; on sm_90 with vector reductions, ``VRED``, below without). Signatures
 are the numba types of the arguments the client passes: C-contiguous device arrays, Python floats
 (float64) and a Python bool (boolean).
 ``write_kv_kernel`` (``CudaClient.run_write_kv``) is enumerated once per (pool, rows) dtype pair of
@@ -262,19 +262,20 @@ def _backward_specializations(dts) -> list:
                                       factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY, SOFTCAP=True, ALIBI=True),
                                       spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY} softcap+alibi"))
     from paged_numba.runtime.cuda.plan import mma_bwd_tiles
-    for D in HEAD_DIMS:   # the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128
+    for D in HEAD_DIMS:   # the tensor-core backward: F16 / BF16, F32 (3xTF32), head dims multiples of 16 up to 128
         if D % 16 or D > 128:
             continue
-        for name in BWD_DTYPES[1:]:
+        for name in BWD_DTYPES:
             dt = dts[name]
-            base = dict(D=D, q=name, kv=name, out=name, PT=None, q_storage=dt.storage.name,
+            tf32 = name == "f32"    # float32 arrays passed as uint32 views
+            base = dict(D=D, q=name, kv=name, out=name, PT=None, q_storage="uint32" if tf32 else dt.storage.name,
                         out_storage=dt.storage.name)
             for window in (False, True):
-                if window and (D not in MOD_HEAD_DIMS or name != "bf16"):
+                if window and (D not in MOD_HEAD_DIMS or name == "f16"):
                     continue
                 # sm_90 and later: pairs of gradients by one red.global.add.v2.f32 (VRED); below, two atomics
                 for vred, ccs in ((True, dict(min_cc=(9, 0))), (False, dict(below_cc=(9, 0)))):
-                    NW, BQ, MAXREG = mma_bwd_tiles(D, False, window, vred)
+                    NW, BQ, MAXREG = mma_bwd_tiles(D, False, window, vred, tf32=tf32, cc=(9, 0) if vred else (8, 0))
                     specs.append(dict(base, kernel="bwd_mma+window" if window else "bwd_mma", **ccs,
                                       factory=dict(D=D, kind=dt.code, NW=NW, BQ=BQ, WINDOW=window, VRED=vred,
                                                    MAXREG=MAXREG),
@@ -355,8 +356,8 @@ def _backward_signature(spec, arr):
             arr(f32, 1), arr(f32, 1))
     if kind == "bwd_dkdv":
         return nt.void(*head, arr(f32, 3), arr(f32, 3))
-    if kind == "bwd_mma":   # flat uint16 q, dout, k, v; flat float32 lse2, delta, dk, dv, dq
-        u16, f = arr("uint16", 1), arr(f32, 1)
+    if kind == "bwd_mma":   # flat uint16 (F32: uint32) q, dout, k, v; flat float32 lse2, delta, dk, dv, dq
+        u16, f = arr(spec["q_storage"], 1), arr(f32, 1)
         return nt.void(u16, u16, u16, u16, arr("int32", 2), arr("int32", 1), arr("int32", 2), nt.int64, nt.int64,
                        nt.int64, nt.int64, nt.int64, nt.float64, nt.boolean, nt.int64, f, f, f, f, f)
     return nt.void(*head, arr(st, 2))

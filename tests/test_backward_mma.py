@@ -1,5 +1,5 @@
-"""The tensor-core backward (``kernels/cuda/paged_backward_mma.py``, F16 / BF16, head dims that are
-multiples of 16 up to 128) against the float64 oracle ``paged_attention_bwd_ref``.
+"""The tensor-core backward (``kernels/cuda/paged_backward_mma.py``, F16 / BF16, and F32 as 3xTF32;
+head dims that are multiples of 16 up to 128) against the float64 oracle ``paged_attention_bwd_ref``.
 
 On the CUDA simulator (where the mma / ldmatrix / cp.async twins run the kernel's fragment
 indexing) at tiny shapes: several key tiles and query steps (the double buffer), GQA 1 / 4, block
@@ -10,7 +10,7 @@ layouts (1 warp, and 2 warps with 32-row steps: the dQ work split over warps). G
 dims 64 / 128 at the client's tiles and at 4 warps, prefill-sized Sq, ragged with windows. Every
 case checks that the tensor-core kernel ran (and the routing cases that it did not) with the
 tolerance style of ``test_backward.py`` (max error over max |ref|, floored at a tenth of the size
-of the terms that cancel).
+of the terms that cancel); F32 also against the SIMT kernels' own error (within 2x).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import paged_numba as pn
-from helpers import BF16, F16, RUNTIMES, assert_unchanged, is_sim, make_case, seed_of, snapshot
+from helpers import BF16, F16, F32, RUNTIMES, assert_unchanged, is_sim, make_case, seed_of, snapshot
 from paged_numba.ops.reference import gather_kv, paged_attention_bwd_ref, to_float64
 from test_backward import GRAD_TOL, assert_grad_close, read_mask
 
@@ -28,8 +28,8 @@ SIM = is_sim("cuda")
 pytestmark = pytest.mark.skipif("cuda" not in RUNTIMES, reason="no CUDA runtime (GPU or simulator)")
 gpu_only = pytest.mark.skipif(SIM or "cuda" not in RUNTIMES, reason="GPU-sized case (no GPU here)")
 
-DTYPES = [F16, BF16]
-DT_IDS = ["f16", "bf16"]
+DTYPES = [F16, BF16, F32]
+DT_IDS = ["f16", "bf16", "f32"]
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def tiles(request, monkeypatch):
     if getattr(request, "param", "default") != "default":
         from paged_numba.runtime import cuda as cuda_rt
         monkeypatch.setattr(cuda_rt.plan, "mma_bwd_tiles",
-                            lambda D, s, window=False, vred=True: (2, 32, 0) if s else (4, 32, 0))
+                            lambda D, s, window=False, vred=True, tf32=False, cc=None: (2, 32, 0) if s else (4, 32, 0))
     return request.param
 
 
@@ -139,7 +139,8 @@ IDS = ["gqa4-shared-causal", "mha-d32-full", "sq>L-empty"]
 
 
 PARITY = [(c, dt, "default") for c in CASES for dt in DTYPES] + [(CASES[0], BF16, "2-warps-bq32"),
-                                                                 (CASES[2], F16, "2-warps-bq32")]
+                                                                 (CASES[2], F16, "2-warps-bq32"),
+                                                                 (CASES[1], F32, "2-warps-bq32")]
 
 
 @pytest.mark.parametrize("case,dtype,tiles", PARITY, indirect=["tiles"],
@@ -154,7 +155,7 @@ def test_cuda_bwd_mma_parity(spy, tiles, dtype, case):
     check(grads, q, k, v, bt, sl, dout, dtype, causal=causal)
 
 
-@pytest.mark.parametrize("dtype", [F16], ids=["f16"])
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["f16", "f32"])
 def test_cuda_bwd_mma_matches_simt(spy, dtype):
     """The tensor-core and the SIMT backward agree within the dtype's tolerance (and
     ``backward_mma = False`` selects the SIMT kernels)."""
@@ -175,8 +176,10 @@ def test_cuda_bwd_mma_matches_simt(spy, dtype):
         assert err <= GRAD_TOL[dtype], f"{name}: tensor-core vs SIMT {err:.3g}"
 
 
-@pytest.mark.parametrize("window,causal,dtype", [(-1, True, F16), (3, True, BF16), (6, False, F16), (0, True, BF16)],
-                         ids=["nowin-causal-f16", "win3-causal-bf16", "win6-full-f16", "win0-causal-bf16"])
+@pytest.mark.parametrize("window,causal,dtype", [(-1, True, F16), (3, True, BF16), (6, False, F16), (0, True, BF16),
+                                                 (5, True, F32)],
+                         ids=["nowin-causal-f16", "win3-causal-bf16", "win6-full-f16", "win0-causal-bf16",
+                              "win5-causal-f32"])
 def test_cuda_bwd_mma_ragged_window(spy, dtype, window, causal):
     """A ragged batch (token-major q, GQA 2; query counts 0, 2, 7, 12; as many keys as queries in one
     sequence) with sliding windows smaller than a block: row bounds on both sides of a key tile;
@@ -266,7 +269,8 @@ GPU_IDS = ["gqa4-d64-causal", "mha-d128-causal", "gqa4-d128-full", "g4-d64-full-
 # Each (head dim, dtype, tiles, window) is a compile on the GPU machine (tens of seconds): the other
 # layout runs in bf16 only.
 GPU_PARITY = [(c, dt, "default") for c in GPU_CASES for dt in DTYPES] + [(c, BF16, "4-warps-bq32")
-                                                                         for c in GPU_CASES]
+                                                                         for c in GPU_CASES] + [
+    (GPU_CASES[1], F32, "4-warps-bq32")]
 
 
 @gpu_only
@@ -285,7 +289,7 @@ def test_cuda_bwd_mma_parity_gpu(spy, tiles, dtype, case):
 
 @gpu_only
 @pytest.mark.parametrize("window", [-1, 0, 37, 200], ids=["nowin", "win0", "win37", "win200"])
-@pytest.mark.parametrize("D,dtype", [(64, F16), (128, BF16)], ids=["d64-f16", "d128-bf16"])
+@pytest.mark.parametrize("D,dtype", [(64, F16), (128, BF16), (128, F32)], ids=["d64-f16", "d128-bf16", "d128-f32"])
 def test_cuda_bwd_mma_ragged_window_gpu(spy, dtype, window, D):
     """Ragged, causal, windows from one key to more than a key tile, GQA 4."""
     B, H, Hkv, bs = 4, 8, 2, 16
@@ -300,3 +304,36 @@ def test_cuda_bwd_mma_ragged_window_gpu(spy, dtype, window, D):
     grads = run_bwd(q, k, v, bt, sl, dout, **kw)
     assert len(spy) == 1, "the tensor-core backward did not run"
     check(grads, q, k, v, bt, sl, dout, dtype, **kw)
+
+
+def _errors_vs_ref(grads, refs):
+    return [np.abs(np.asarray(g, np.float64) - r).max() / max(np.abs(r).max(), 1e-30) for g, r in zip(grads, refs)]
+
+
+TF32_CASES = [((2, 4, 1, 9, 32, 8, [21, 13], True, True), False),          # simulator-sized
+              ((2, 8, 2, 130, 128, 16, [130, 300], True, True), True),     # GPU: D 128, GQA 4, shared blocks
+              ((1, 4, 4, 70, 64, 16, [200], False, False), True)]          # GPU: D 64, non-causal
+
+
+@pytest.mark.parametrize("case,gpu", TF32_CASES, ids=["sim-d32", "gpu-d128-gqa4", "gpu-d64-full"])
+def test_cuda_bwd_tf32_error_within_2x_simt(spy, case, gpu):
+    """F32 on tensor cores (3xTF32) keeps float32 accuracy: each gradient's error against the float64
+    oracle is at most twice the SIMT kernels' error on the same inputs (plus 1e-7 of max |ref|:
+    both are a few float32 ulps where the rounding happens to agree)."""
+    if gpu and SIM:
+        pytest.skip("GPU-sized case (no GPU here)")
+    B, H, Hkv, Sq, D, bs, lens, causal, shared = case
+    rng = np.random.default_rng(seed_of("bwd-tf32-vs-simt", D, Sq))
+    q, k, v, bt, sl = make_case(rng, B, H, Hkv, Sq, D, bs, lens, F32, shared=shared)
+    dout = rng.standard_normal(q.shape).astype(F32)
+    tc = run_bwd(q, k, v, bt, sl, dout, causal=causal)
+    assert len(spy) == 1, "the tensor-core backward did not run"
+    client = pn.get_runtime("cuda").client
+    client.backward_mma = False
+    try:
+        simt = run_bwd(q, k, v, bt, sl, dout, causal=causal)
+    finally:
+        client.backward_mma = True
+    refs = check(tc, q, k, v, bt, sl, dout, F32, causal=causal)
+    for name, e_tc, e_simt in zip(("dq", "dk", "dv"), _errors_vs_ref(tc, refs), _errors_vs_ref(simt, refs)):
+        assert e_tc <= 2.0 * e_simt + 1e-7, f"{name}: 3xTF32 error {e_tc:.3g} vs SIMT {e_simt:.3g}"

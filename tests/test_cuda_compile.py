@@ -124,10 +124,10 @@ def _assert_report(rows, stdout, ccs, partitions):
             want |= {(D, "f32", "f32") for D in TF32_MOD_HEAD_DIMS}
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma" and r["cc"] == cc}
-        want = {(D, name) for D in BWD_MMA_HEAD_DIMS for name in ("f16", "bf16")}
+        want = {(D, name) for D in BWD_MMA_HEAD_DIMS for name in ("f16", "bf16", "f32")}
         assert got == want, f"bwd_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma+window" and r["cc"] == cc}
-        want = {(D, "bf16") for D in BWD_MMA_WINDOW_HEAD_DIMS}
+        want = {(D, name) for D in BWD_MMA_WINDOW_HEAD_DIMS for name in ("bf16", "f32")}
         assert got == want, f"bwd_mma+window {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         for kernel in ("merge_pair", "merge_states"):
             got = {(r["D"], r["out"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
@@ -138,7 +138,7 @@ def _assert_report(rows, stdout, ccs, partitions):
               + 3 * len(HEAD_DIMS) * len(BWD_DTYPES) + 3 + len(WRITE_KV_PAIRS) + 6 * len(MMA_HEAD_DIMS)
               + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
               + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS)
-              + 2 * len(BWD_MMA_HEAD_DIMS) + len(BWD_MMA_WINDOW_HEAD_DIMS)
+              + 3 * len(BWD_MMA_HEAD_DIMS) + 2 * len(BWD_MMA_WINDOW_HEAD_DIMS)
               + len(TF32_HEAD_DIMS) + 2 * len(TF32_MOD_HEAD_DIMS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
@@ -147,8 +147,19 @@ def _assert_report(rows, stdout, ccs, partitions):
         assert r["spec"] in stdout, f"{r['spec']} is missing from the printed table"
     spilled = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['spill_stores']} B spill stores, "
                f"{r['spill_loads']} B spill loads, {r['registers']} registers"
-               for r in rows if r["spill_stores"] or r["spill_loads"]]
+               for r in rows if (r["spill_stores"] or r["spill_loads"]) and not _spill_allowed(r)]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
+# The 3xTF32 backward (F32 "bwd_mma" at head dims 80 / 128) holds dK and dV of D floats per thread at
+# 255 registers, and ptxas spills 20-28 bytes there on sm_90 / sm_80 whatever the loop order (the
+# H200 benchmark's figures include them); anything more is a regression.
+TF32_BWD_SPILL_BYTES = 32
+
+
+def _spill_allowed(r) -> bool:
+    return (r["kernel"] in ("bwd_mma", "bwd_mma+window") and r["q"] == "f32"
+            and max(r["spill_stores"], r["spill_loads"]) <= TF32_BWD_SPILL_BYTES)
 
 
 def test_cuda_kernels_compile_quick(compiler_libraries, tmp_path):

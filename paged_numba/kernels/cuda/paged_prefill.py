@@ -44,7 +44,7 @@ NaN in unused slots cannot reach a result. Row tiles are scheduled heaviest (lat
 
 F32 (3xTF32): the tiles hold float32 (rows ``tf32_pads`` apart, so the fragment reads below hit
 distinct banks); each fragment element is read from shared memory (16-byte reads of Q / K rows,
-8-byte reads of V rows) and split into a TF32 high part and a residual (``tf32_split``), and every
+8-byte reads of V rows) and split into a TF32 high part and a residual (``tf32_split``, ``split4``), and every
 product is three m16n8k8 TF32 mma (lo hi, hi lo, hi hi), which keeps float32 accuracy. The mma's
 k index is permuted within each 16-dim chunk of Q K^T (alike in Q and K), the n index of P V
 within each 16-dim chunk of V and O, and P V takes its A fragments straight from the S
@@ -62,7 +62,7 @@ from numba import cuda, float32, int32, uint8, uint16, uint32
 from ...dtypes import E4M3, E5M2, F32
 from .codecs import f2u, fp8_pairs, i2f
 from .mma import (cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldsm_x4, ldsm_x4_t, mma, pack2,
-                  lds2, lds4, quad_max, quad_sum, rcp_approx, tf32_split, udiv32)
+                  lds2, mma3, quad_max, quad_sum, rcp_approx, split4, tf32_split, udiv32)
 from .paged_decode import LN2, LOG2E
 from .prefill_staging import convert_codes, load_codes, load_kv, q_row, resolve_slots
 
@@ -121,25 +121,6 @@ def tf32_pads(D: int) -> tuple:
     g, g + 1 at 4 t need a pitch of 16 (mod 32) to hit 32 banks per quarter warp, 8-byte reads of V
     rows 2 t at 2 g one of 4 (mod 16) per half warp."""
     return D + (16 if D % 32 == 0 else 32), D + 4
-
-
-@cuda.jit(device=True, inline=True)
-def _split_row(sm, i, hi, lo, fi, step):
-    """hi / lo[fi + step * e] = ``tf32_split`` of the float32 tile elements sm[i + e], e < 4 (one
-    16-byte read)."""
-    x0, x1, x2, x3 = lds4(sm, i)
-    hi[fi], lo[fi] = tf32_split(i2f(x0))
-    hi[fi + step], lo[fi + step] = tf32_split(i2f(x1))
-    hi[fi + 2 * step], lo[fi + 2 * step] = tf32_split(i2f(x2))
-    hi[fi + 3 * step], lo[fi + 3 * step] = tf32_split(i2f(x3))
-
-
-@cuda.jit(device=True, inline=True)
-def _mma3(d, di, ah, al, ai, bh, bl, bi):
-    """d[di:di+4] += A @ B as 3xTF32 (lo hi + hi lo first, then hi hi): float32 accuracy."""
-    mma(F32, d, di, al, ai, bh, bi)
-    mma(F32, d, di, ah, ai, bl, bi)
-    mma(F32, d, di, ah, ai, bh, bi)
 
 
 @functools.cache
@@ -256,7 +237,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             if KV8:
                 load_codes(sm8, k, v, slots[0], ROFF, tid, NT, BK, D)
             else:
-                load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DPK, DPV, E)
+                load_kv(sm, k, v, slots[0], KOFF, VOFF, tid, NT, BK, D, DPK, DPV, E, False)
         cp_async_commit()
         cp_async_wait_all()
         cuda.syncthreads()
@@ -308,7 +289,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                     load_codes(sm8, k, v, slots[r1], ROFF, tid, NT, BK, D)
                 else:
                     load_kv(sm, k, v, slots[r1], KOFF + (1 - cur) * TILEK, VOFF + (1 - cur) * TILEV, tid, NT,
-                            BK, D, DPK, DPV, E)
+                            BK, D, DPK, DPV, E, False)
             cp_async_commit()
             if it + 2 < n_tiles:   # read after the next iteration's syncthreads
                 resolve_slots(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
@@ -329,13 +310,13 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                         part[i] = 0.0
                     for mt in range(MT):
                         a0 = qa + mt * 16 * DPQ + 16 * c
-                        _split_row(sm, a0, ah, al, mt * 8, 2)             # row g: a0 / a2 of each k-step
-                        _split_row(sm, a0 + 8 * DPQ, ah, al, mt * 8 + 1, 2)   # row g + 8: a1 / a3
+                        split4(sm, a0, ah, al, mt * 8, 2)             # row g: a0 / a2 of each k-step
+                        split4(sm, a0 + 8 * DPQ, ah, al, mt * 8 + 1, 2)   # row g + 8: a1 / a3
                     for nt in range(NS):        # one n-tile's K fragments at a time (registers)
-                        _split_row(sm, kb + nt * 8 * DPK + 16 * c, bh, bl, 0, 1)
+                        split4(sm, kb + nt * 8 * DPK + 16 * c, bh, bl, 0, 1)
                         for h in range(2):
                             for mt in range(MT):
-                                _mma3(part, mt * S1 + nt * 4, ah, al, mt * 8 + 4 * h, bh, bl, 2 * h)
+                                mma3(part, mt * S1 + nt * 4, ah, al, mt * 8 + 4 * h, bh, bl, 2 * h)
                     for i in range(S_N):
                         s[i] += part[i]
             for ks in range(0 if TF else KS):
@@ -409,8 +390,8 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                                 bh[j], bl[j] = tf32_split(i2f(x0))
                                 bh[2 + j], bl[2 + j] = tf32_split(i2f(x1))
                             for mt in range(MT):
-                                _mma3(part, mt * 8, ah, al, (mt * PVG + kg) * 4, bh, bl, 0)
-                                _mma3(part, mt * 8 + 4, ah, al, (mt * PVG + kg) * 4, bh, bl, 2)
+                                mma3(part, mt * 8, ah, al, (mt * PVG + kg) * 4, bh, bl, 0)
+                                mma3(part, mt * 8 + 4, ah, al, (mt * PVG + kg) * 4, bh, bl, 2)
                         for mt in range(MT):
                             for i in range(8):
                                 o[mt * O1 + 8 * c + i] += part[mt * 8 + i]

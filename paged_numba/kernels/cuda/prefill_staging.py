@@ -21,6 +21,15 @@ def q_row(row0, h, i, stride_h, stride_i):
 
 
 @cuda.jit(device=True, inline=True)
+def kv_shift(row):
+    """Words by which row ``row`` of a 32-bit K / V tile of the 3xTF32 backward starts after row *
+    pitch: 8 ((row >> 1) % 2). With a pitch of 16 (mod 32) words, the 16-byte reads of rows g,
+    g + 1 and the 8-byte reads of rows t (and t + 4) at 2 g then hit 32 distinct banks, and each
+    read's column stays a compile-time offset (``paged_backward_mma.tf32_pitches``)."""
+    return 8 * ((row >> 1) & 1)
+
+
+@cuda.jit(device=True, inline=True)
 def resolve_slots(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK):
     """Threads 0 .. BK - 1 write into ``slots`` the pool row (slot * Hkv + kvh) of token k0 + tid
     (-1 from kend on): one table read and one 32-bit division per token and tile."""
@@ -34,10 +43,10 @@ def resolve_slots(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK):
 
 
 @cuda.jit(device=True, inline=True)
-def load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DPK, DPV, E):
+def load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DPK, DPV, E, SWZ):
     """Start the 16-byte copies (E elements: 8 of 16 bits, 4 of 32) of the K and V rows of a
     tile's tokens (pool rows in ``slots``, -1: a zero row) into the tile buffers at koff / voff
-    (rows DPK / DPV elements apart)."""
+    (rows DPK / DPV elements apart); SWZ (a compile-time flag): each row shifted by ``kv_shift``."""
     CH = D // E
     for i in range((BK * CH + NT - 1) // NT):    # a compile-time trip count: unrolled
         c = tid + NT * i
@@ -51,8 +60,9 @@ def load_kv(sm, k, v, slots, koff, voff, tid, NT, BK, D, DPK, DPV, E):
         if row >= 0:
             src = np.int64(row) * D + ch * E
             n = 16
-        cp_async16(sm, koff + j * DPK + ch * E, k, src, n)
-        cp_async16(sm, voff + j * DPV + ch * E, v, src, n)
+        col = kv_shift(j) + ch * E if SWZ else ch * E
+        cp_async16(sm, koff + j * DPK + col, k, src, n)
+        cp_async16(sm, voff + j * DPV + col, v, src, n)
 
 
 @cuda.jit(device=True, inline=True)

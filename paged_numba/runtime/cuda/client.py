@@ -134,11 +134,11 @@ class CudaClient(Client):
         return dq, dk.reshape(k.shape), dv.reshape(v.shape)
 
     def _bwd_mma_ok(self, cfg, *arrays) -> bool:
-        """The tensor-core backward takes F16 / BF16, head dims that are multiples of 16 up to 128
+        """The tensor-core backward takes F16 / BF16 / F32 (3xTF32), head dims that are multiples of 16 up to 128
         (at 256 the dK / dV accumulators of a warp's 16 keys take 256 registers), no softcap / ALiBi
         (the SIMT kernels), and 16-byte aligned q / dout / K / V (cp.async copies 16 bytes); ragged
         batches and windows included."""
-        if not (self.backward_mma and cfg.q_dtype.code in (F16, BF16) and cfg.D % 16 == 0 and cfg.D <= 128):
+        if not (self.backward_mma and cfg.q_dtype.code in (F16, BF16, F32) and cfg.D % 16 == 0 and cfg.D <= 128):
             return False
         if cfg.softcap > 0.0 or cfg.alibi_slopes is not None:
             return False
@@ -156,20 +156,23 @@ class CudaClient(Client):
         window = cfg.window_left >= 0
         # sm_90: dQ / dK / dV pairs by one vector reduction (the simulator runs its twin: 2 atomics)
         vred = rt.simulator or self._cuda.get_current_device().compute_capability >= (9, 0)
-        NW, BQ, MAXREG = _plan.mma_bwd_tiles(D, rt.simulator, window, vred)
+        tf32 = cfg.q_dtype.code == F32
+        NW, BQ, MAXREG = _plan.mma_bwd_tiles(D, rt.simulator, window, vred, tf32=tf32, cc=rt.cc)
         n = q2.size
-        dqf = self._cuda.device_array(n, np.float32)
+        dqf = dq2.reshape(n) if tf32 else self._cuda.device_array(n, np.float32)   # F32: the atomics go to dq
         ET = _plan.elementwise_threads(rt.simulator)
         EB = min(-(-n // ET), 8 * rt.sm_count)
         fill_kernel()[EB, ET](dqf)
         if cfg.max_span:
             kern = dkdvq_kernel(D, cfg.q_dtype.code, NW, BQ, WINDOW=window, VRED=vred, MAXREG=MAXREG)
-            args = (q2.reshape(n), do2.reshape(n), k.reshape(k.size), v.reshape(v.size), meta.table, meta.lens,
+            flat = (lambda x: x.reshape(x.size).view(np.uint32)) if tf32 else (lambda x: x.reshape(x.size))
+            args = (flat(q2), flat(do2), flat(k), flat(v), meta.table, meta.lens,
                     meta.work, cfg.H, sh, si, bs, Hkv, cfg.scale, cfg.causal, cfg.window_left, lse2, delta, dk, dv,
                     dqf)
             self._launch(Launch(kern, (cfg.B * Hkv, -(-cfg.max_span // (16 * NW))), 32 * NW,
-                                smem_bytes(D, NW, BQ), args))
-        encode_kernel(cfg.q_dtype.code)[EB, ET](dqf, dq2.reshape(n))
+                                smem_bytes(D, NW, BQ, tf32), args))
+        if not tf32:
+            encode_kernel(cfg.q_dtype.code)[EB, ET](dqf, dq2.reshape(n))
     @staticmethod
     def _mods(cfg) -> dict:
         """The kernels' compile-time score-modifier flags."""

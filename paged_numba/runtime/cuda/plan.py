@@ -124,7 +124,24 @@ def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: 
     return (8, 1, 64) if fp8 or window or mods else (4, 2, 32)
 
 
-def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True) -> tuple:
+# The 3xTF32 backward (F32; 32-bit tiles, 16-row steps): 8 warps over 128 keys where a block may opt
+# in to 227 KB of shared memory (215,040 B at D 128), 4 warps on 163 KB parts (129,024 B), 2 on
+# 99 KB parts (86,016 B). 8 x 16 was the fastest of the H200 sweep (benchmarks/gpu_backward.py
+# --f32-bwd-tiles, 2026-12-04: 4 x 16 and 4 x 32 took 1.35x and 1.19x its time).
+TF32_BWD_TILES = {227: (8, 16, 0), 163: (4, 16, 0), 99: (2, 16, 0)}
+
+
+def smem_optin_kb(cc: tuple) -> int:
+    """Shared memory (KB) a thread block may opt in to on compute capability ``cc``: 227 on sm_90 /
+    sm_100, 163 on sm_80 / sm_87, else (sm_86, sm_89, sm_120, unknown) 99."""
+    cc = tuple(cc)
+    if cc[0] in (9, 10):
+        return 227
+    return 163 if cc in ((8, 0), (8, 7)) else 99
+
+
+def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True, tf32: bool = False,
+                  cc: tuple = (9, 0)) -> tuple:
     """(NW warps, BQ query rows per step, MAXREG register cap or 0) of the tensor-core backward
     (``paged_backward_mma``) for head dim D (a multiple of 16, at most 128): a block owns 16 * NW
     keys (16 per warp; dK / dV of D floats per thread stay in registers), the step's q / dout rows
@@ -136,9 +153,12 @@ def mma_bwd_tiles(D: int, sim: bool, window: bool = False, vred: bool = True) ->
     (scripts/cuda_compile_check.py) -- ptxas is erratic this close to 255 (at D 64 a cap of 224
     spills with VRED and 232 without, not the other way round).
     Not yet tuned on a GPU: benchmarks/gpu_backward.py --bwd-tiles compares layouts. The simulator
-    runs 1 warp over 16-row steps (tests swap in others). (issue 11 item 5)"""
+    runs 1 warp over 16-row steps (tests swap in others). F32 (``tf32``, 3xTF32 on 32-bit tiles):
+    ``TF32_BWD_TILES`` by the shared memory of compute capability ``cc``. (issue 11 item 5)"""
     if sim:
         return 1, 16, 0
+    if tf32:
+        return TF32_BWD_TILES[smem_optin_kb(cc)]
     if D <= 64:
         return 8, 64, (232 if vred or window else 224)
     return 8, 32, (200 if D <= 80 else 240)
