@@ -244,7 +244,7 @@ BWD_DTYPES = ("f32", "f16", "bf16")
 def _backward_specializations(dts) -> list:
     """The backward's kernels (``CudaClient.run_bwd``): delta, dK/dV and dQ per head dim and dtype
     with the tiles of ``plan.bwd_tiles(D, sim=False)``; the zero fill; the float32 -> 16-bit encode."""
-    from paged_numba.runtime.cuda.plan import bwd_tiles
+    from paged_numba.runtime.cuda.plan import bwd_tiles, delta_lanes
     specs = []
     for D in HEAD_DIMS:
         BQ, BK, TY = bwd_tiles(D, False)
@@ -252,8 +252,9 @@ def _backward_specializations(dts) -> list:
             dt = dts[name]
             base = dict(D=D, q=name, kv=name, out=name, PT=None, q_storage=dt.storage.name,
                         out_storage=dt.storage.name)
-            specs.append(dict(base, kernel="bwd_delta", factory=dict(D=D, code=dt.code),
-                              spec=f"D={D} {name}"))
+            TX = delta_lanes(False)
+            specs.append(dict(base, kernel="bwd_delta", factory=dict(D=D, code=dt.code, TX=TX),
+                              spec=f"D={D} {name} TX={TX}"))
             for kernel in ("bwd_dkdv", "bwd_dq"):
                 specs.append(dict(base, kernel=kernel, factory=dict(D=D, code=dt.code, BQ=BQ, BK=BK, TY=TY),
                                   spec=f"D={D} {name} BQ={BQ} BK={BK} NT={8 * TY}"))

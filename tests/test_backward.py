@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import paged_numba as pn
-from helpers import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, assert_unchanged, is_sim, make_case,
-                      skip_if_too_big_for_sim, snapshot)
+from helpers import (BF16, DTYPE_IDS, F16, F32, FLOAT_DTYPES, RUNTIMES, assert_unchanged, is_sim, make_case,
+                      seed_of, skip_if_too_big_for_sim, snapshot)
 from paged_numba.ops.reference import gather_kv, paged_attention_bwd_ref, to_float64
 
 HEADS = [(4, 4), (8, 2), (6, 1)]          # (H, Hkv): MHA, GQA (G = 4), MQA (G = 6)
@@ -486,3 +486,35 @@ def test_bwd_property_matches_reference_f32(runtime_name, case):
     B, H, Hkv, Sq, D, bs, lens, causal, shared, kv3d, seed = case
     rng = np.random.default_rng(seed)
     run_and_check(runtime_name, rng, B, H, Hkv, Sq, D, bs, lens, F32, causal, shared=shared, kv3d=kv3d)
+
+
+@pytest.mark.skipif("cuda" not in RUNTIMES, reason="no CUDA runtime (GPU or simulator)")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=[DTYPE_IDS[d] for d in FLOAT_DTYPES])
+@pytest.mark.parametrize("D,rows", [(16, 1), (40, 37), (128, 300)], ids=["d16-1row", "d40-37rows", "d128-300rows"])
+def test_cuda_delta_kernel_rowsums(dtype, D, rows):
+    """The backward's delta kernel at the client's geometry (a warp per row on a GPU, one thread on
+    the simulator): delta = rowsum(dout * out) in float32 against float64, lse2 = lse * log2 e, for
+    head dims below, across and above a warp and row counts that leave a partial block."""
+    from numba import cuda
+
+    from paged_numba.dtypes import DType
+    from paged_numba.kernels.cuda.paged_attention_bwd import delta_kernel
+    from paged_numba.runtime.cuda import plan
+
+    code = {F32: DType.F32, F16: DType.F16, BF16: DType.BF16}[dtype]
+    pn.get_runtime("cuda")
+    sim = is_sim("cuda")
+    rng = np.random.default_rng(seed_of("delta-kernel", D, rows, str(dtype)))
+    dout = rng.standard_normal((rows, D)).astype(dtype)
+    out = rng.standard_normal((rows, D)).astype(dtype)
+    lse = rng.standard_normal(rows).astype(np.float32)
+    storage = code.storage
+    d_dout, d_out = (cuda.to_device(np.ascontiguousarray(x).view(storage)) for x in (dout, out))
+    delta = cuda.device_array(rows, np.float32)
+    lse2 = cuda.device_array(rows, np.float32)
+    TX, ET = plan.delta_lanes(sim), plan.elementwise_threads(sim)
+    delta_kernel(D, code.code, TX)[-(-rows * TX // ET), ET](d_dout, d_out, cuda.to_device(lse), delta, lse2)
+    want = (dout.astype(np.float64) * out.astype(np.float64)).sum(axis=1)
+    scale = (np.abs(dout.astype(np.float64) * out.astype(np.float64))).sum(axis=1)
+    assert np.all(np.abs(delta.copy_to_host() - want) <= 1e-6 * scale + 1e-30)
+    np.testing.assert_allclose(lse2.copy_to_host(), lse * np.float32(1.4426950408889634), rtol=1e-6)

@@ -21,7 +21,8 @@ Arguments (C-contiguous device arrays, validated by ``ops/config.py``):
 
 Three kernels:
 
-- ``delta_kernel``: per query row, ``delta = rowsum(dout * out)`` and ``lse2 = lse * log2 e``.
+- ``delta_kernel``: per query row, ``delta = rowsum(dout * out)`` and ``lse2 = lse * log2 e`` (a
+  group of lanes per row, ``plan.delta_lanes``).
 - ``dkdv_kernel``: grid (B * Hkv, key tiles of BK tokens from the first key the window lets the
   sequence's queries see). A block keeps its K and V tile (read once
   through the block table) in shared memory, walks the G query heads and the query tiles that can
@@ -143,17 +144,26 @@ def _probs_and_ds(Qs, dOs, Ks, Vs, l2s, dls, s, dp, ty, tx, RT, KT, D, c, q0, k0
 
 
 @functools.cache
-def delta_kernel(D: int, code: int):
-    """Grid ceil(rows / threads), one query row per thread; dout, out [rows, D], lse, delta, lse2
-    [rows]."""
+def delta_kernel(D: int, code: int, TX: int = 1):
+    """TX consecutive threads per query row (TX a power of two up to 32: lane l of a row's group
+    reads dims l, l + TX, ..., so a warp's loads are coalesced; the group's partial sums meet by warp
+    shuffles), grid ceil(rows * TX / threads); dout, out [rows, D], lse, delta, lse2 [rows]. TX = 1
+    (the simulator, which has no shuffles): one thread per row."""
+    LOG_TX = TX.bit_length() - 1
 
     @cuda.jit(cache=True)
     def kernel(dout, out, lse, delta, lse2):
-        x = cuda.grid(1)
-        if x < dout.shape[0]:
-            acc = float32(0.0)
-            for d in range(D):
+        t = cuda.grid(1)
+        x = t // TX
+        lane = t % TX
+        ok = x < dout.shape[0]
+        acc = float32(0.0)
+        if ok:
+            for d in range(lane, D, TX):
                 acc += _to_f32(dout[x, d], code) * _to_f32(out[x, d], code)
+        for sh in range(LOG_TX):        # every lane of a warp takes part (rows past the end add 0)
+            acc += cuda.shfl_xor_sync(0xFFFFFFFF, acc, TX >> (sh + 1))
+        if ok and lane == 0:
             delta[x] = acc
             lse2[x] = lse[x] * float32(LOG2E)
 

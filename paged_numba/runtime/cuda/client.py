@@ -109,7 +109,8 @@ class CudaClient(Client):
             q2, do2, o2, dq2 = (x.reshape(n_rows, D) for x in (q, dout, out, dq))
             delta = cuda.device_array(n_rows, np.float32)
             lse2 = cuda.device_array(n_rows, np.float32)
-            delta_kernel(D, dt.code)[-(-n_rows // ET), ET](do2, o2, lse.reshape(n_rows), delta, lse2)
+            TX = _plan.delta_lanes(rt.simulator)
+            delta_kernel(D, dt.code, TX)[-(-n_rows * TX // ET), ET](do2, o2, lse.reshape(n_rows), delta, lse2)
             if self._bwd_mma_ok(cfg, q2, do2, k, v):     # the tensor-core backward
                 self._bwd_mma(cfg, meta, q2, do2, k, v, lse2, delta, dk, dv, dq2)
             else:

@@ -169,6 +169,12 @@ def merge_threads(D: int, sim: bool) -> int:
     return 32 if sim else min(128, 32 * -(-D // 32))
 
 
+def delta_lanes(sim: bool) -> int:
+    """Lanes per query row of the backward's delta = rowsum(dout * out) kernel: a warp per row (its
+    loads coalesced); 1 on the simulator (no warp shuffles)."""
+    return 1 if sim else 32
+
+
 def elementwise_threads(sim: bool) -> int:
     """Threads per block of the element-wise, grid-stride kernels (fills, encodes, write_kv)."""
     return 32 if sim else 256
