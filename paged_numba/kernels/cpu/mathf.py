@@ -16,6 +16,8 @@ from numba import njit
 from . import FASTMATH
 from .codecs import as_float32
 
+LOG2E = 1.4426950408889634    # log2(e): natural-log scores -> base 2 for exp2
+
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def exp2_poly(f):

@@ -51,9 +51,9 @@ from numba import njit, prange
 from . import FASTMATH
 from .codecs import load_row, load_tok
 from .gemm import accumulate, matmul, no_alias, prefer_512, scores
-from .mathf import exp2_f32, exp2_poly, tanh_f32
+from .mathf import LOG2E, exp2_f32, exp2_poly
+from .score_mods import mod_row_any, mod_tile_any
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
@@ -88,44 +88,12 @@ _NO_SLOPES = np.zeros(0, np.float32)   # the plain kernel's slopes argument (nev
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_score(s, cap, inv_cap, slope, dist):
-    """A visible natural-units score -> softcap (cap > 0), then ALiBi, in base 2 for exp2."""
-    if cap > 0.0:
-        s = cap * tanh_f32(s * inv_cap)
-    s -= slope * np.float32(abs(dist))
-    return s * np.float32(LOG2E)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def row_window(L, n, i, causal, window_left):
     """(p, lo, hi) of query i of a sequence of L keys and n queries."""
     p = L - n + i
     hi = min(L, p + 1) if causal else L
     lo = max(0, p - window_left) if window_left >= 0 else 0
     return p, lo, hi
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, chk, mt):
-    """One key tile of the GEMM path's scores ``St[j * Rp + r]`` (key t0 + j, row r) through the
-    modifiers, in place and in base 2: softcap ``capl * tanh(s * inv_cap)`` when ``CAP`` (capl = cap
-    log2 e, s in natural units), minus ``slope2[r] * |pos[r] - t|`` (slopes times log2 e), keys
-    outside [lo[r], hi[r]) set to -inf; ``chk[r]`` gets NaN for a non-finite visible score and
-    ``mt[r]`` the running max. Rows are the inner loop (the vector lanes); ``CAP`` is a constant
-    at each call site, so each copy compiles without the other's branch."""
-    for j in range(nk):
-        t = np.int32(t0 + j)
-        for r in range(Rp):
-            x = j * Rp + r
-            s = St[x]
-            if CAP:
-                s = capl * tanh_f32(s * inv_cap)
-            s -= slope2[r] * np.float32(abs(pos[r] - t))
-            vis = (t >= lo[r]) & (t < hi[r])
-            chk[r] += (s - s) if vis else np.float32(0.0)   # NaN where a visible score is inf / NaN
-            s = s if vis else np.float32(-np.inf)
-            St[x] = s
-            mt[r] = s if s > mt[r] else mt[r]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -156,7 +124,7 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
     of KT tokens:
     St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
     vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]. ``mods`` (a closure
-    constant of the kernel): scores through ``mod_score``, the window's first key tile; otherwise
+    constant of the kernel): scores through ``mod_tile``, the window's first key tile; otherwise
     the plain scores, masked only on the tiles that cross some row's causal limit."""
     ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
     D = q.shape[1]
@@ -190,6 +158,13 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
             kmin = min(kmin, lo[r])
             kmax = max(kmax, hi[r])
         minlim = min(minlim, max(hi[r], 0))
+    alibi = False               # some row has a nonzero slope
+    maxlo = 0                   # tiles in [max lo, min hi) are visible to every row
+    minhi = L
+    for r in range(R):
+        alibi |= slope[r] != 0.0
+        maxlo = max(maxlo, lo[r])
+        minhi = min(minhi, hi[r])
     Kf = np.zeros(KT * D, np.float32)
     Vf = np.zeros(KT * Dp, np.float32)
     Kbits = Kf.view(np.uint32)
@@ -219,10 +194,8 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
             chk[r] = 0.0
             ps[r] = 0.0
         if mods:   # keys outside [lo, hi) masked, visible scores modified, the running max
-            if cap > 0.0:
-                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, True, chk, mt)
-            else:
-                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, False, chk, mt)
+            full = t0 >= maxlo and t0 + nk <= minhi     # every row sees the whole tile: no mask
+            mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, cap > 0.0, alibi, full, chk, mt)
         else:
             for j in range(nk):
                 for r in range(Rp):
@@ -272,7 +245,7 @@ def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, win
 def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
              qk_scale, out_scale, q_code, kv_code, mods, out, lse):
     """One work item with few rows (decode): per paged block, row-by-key dot products. ``mods``:
-    visible scores through ``mod_score`` into a scratch row, blocks from the window's first key."""
+    visible scores through ``mod_row`` into a scratch row, blocks from the window's first key."""
     D = q.shape[1]
     bs = k.shape[1]
     R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
@@ -301,6 +274,9 @@ def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, wind
         if hi[r] > lo[r]:
             kmin = min(kmin, lo[r])
             kmax = max(kmax, hi[r])
+    alibi = False               # some row has a nonzero slope
+    for r in range(R):
+        alibi |= slope[r] != 0.0
     Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
     Vb = np.zeros((bs, D), np.float32)
     S = np.empty((R, bs), np.float32)
@@ -325,11 +301,8 @@ def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, wind
             mb = np.float32(-np.inf)
             bad = np.float32(0.0)
             if mods:
-                for j in range(nvis):
-                    s = mod_score(S[r, a + j], cap32, inv_cap, slope[r], pos[r] - (t0 + a + j))
-                    P[j] = s
-                    bad += s - s
-                    mb = max(mb, s)
+                mb, bad = mod_row_any(S[r], a, nvis, P, cap32, inv_cap, slope[r], pos[r] - (t0 + a), cap > 0.0,
+                                      alibi)
             else:
                 for j in range(nvis):
                     mb = max(mb, S[r, j])
