@@ -36,8 +36,10 @@ result. Two inner paths, fixed per kernel (``gemm``, chosen by the client with `
 - otherwise (decode): per paged block, row-by-key dot products vectorized over D.
 
 Ragged batches, windows, softcap and ALiBi (``fwd_mods_kernel``) run the same two work items with
-their ``mods`` flag on, a closure constant as the dtype codes are: the plain kernel compiles
-without the modifiers' code, and both address q / out / lse as rows (``row0 + h * sh + i * si``;
+their modifiers on (``tile_item_mods`` / ``row_item_mods``; ``MODS`` a closure constant of the
+factories ``tile_item_for`` / ``row_item_for``, pruned before the inlined body is typed): the plain
+kernel compiles without the modifiers' code (1 s less cold compile at the prefill than when the
+flag was an argument), and both address q / out / lse as rows (``row0 + h * sh + i * si``;
 the plain kernel views its dense arrays that way).
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ from . import FASTMATH
 from .codecs import load_row, load_tok
 from .gemm import accumulate, matmul, no_alias, prefer_512, scores
 from .mathf import LOG2E, exp2_f32, exp2_poly
-from .score_mods import mod_row_any, mod_tile_any
+from .score_mods import mod_row, mod_tile_any
 
 LN2 = 0.6931471805599453
 
@@ -117,217 +119,231 @@ def finish_row(out, lse, row, acc_row, m, lsum, out_scale):
         lse[row] = np.float32((m + math.log2(lsum)) * LN2)
 
 
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
-              qk_scale, out_scale, q_code, kv_code, mods, out, lse):
-    """One work item of R = G * nq rows (padded to Rp, a multiple of 16), as GEMMs on key tiles
-    of KT tokens:
-    St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
-    vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]. ``mods`` (a closure
-    constant of the kernel): scores through ``mod_tile``, the window's first key tile; otherwise
-    the plain scores, masked only on the tiles that cross some row's causal limit."""
-    ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
-    D = q.shape[1]
-    bs = k.shape[1]
-    R = nq * G
-    Rp = (R + 15) // 16 * 16
-    Dp = (D + 15) // 16 * 16
-    # Scores in base 2 (q times log2 e), except with a softcap: natural units into the tanh.
-    qscale = np.float32(qk_scale) if cap > 0.0 else np.float32(qk_scale * LOG2E)
-    capl = np.float32(cap * LOG2E)
-    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
-    Qt = np.zeros(D * Rp, np.float32)
-    row = np.empty(D, np.float32)
-    lo = np.zeros(Rp, np.int32)   # int32: as wide as the float32 lanes of the score loops
-    hi = np.zeros(Rp, np.int32)   # padding rows see nothing
-    pos = np.zeros(Rp, np.int32)
-    slope = np.zeros(Rp, np.float32)
-    kmin = L
-    kmax = 0
-    minlim = L
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        load_row(q[row0 + h * sh + i * si], D, row, q_code)
-        for d in range(D):
-            Qt[d * Rp + r] = row[d] * qscale
-        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
-        if mods:
-            slope[r] = slopes[h] * np.float32(LOG2E)   # base 2
-        if hi[r] > lo[r]:
-            kmin = min(kmin, lo[r])
-            kmax = max(kmax, hi[r])
-        minlim = min(minlim, max(hi[r], 0))
-    alibi = False               # some row has a nonzero slope
-    maxlo = 0                   # tiles in [max lo, min hi) are visible to every row
-    minhi = L
-    for r in range(R):
-        alibi |= slope[r] != 0.0
-        maxlo = max(maxlo, lo[r])
-        minhi = min(minhi, hi[r])
-    Kf = np.zeros(KT * D, np.float32)
-    Vf = np.zeros(KT * Dp, np.float32)
-    Kbits = Kf.view(np.uint32)
-    Vbits = Vf.view(np.uint32)
-    St = np.empty(KT * Rp, np.float32)
-    acc = np.zeros(Rp * Dp, np.float32)
-    m = np.full(Rp, -np.inf, np.float32)
-    lsum = np.zeros(Rp, np.float32)
-    mt = np.empty(Rp, np.float32)
-    chk = np.empty(Rp, np.float32)
-    msub = np.empty(Rp, np.float32)
-    alpha = np.empty(Rp, np.float32)
-    ps = np.empty(Rp, np.float32)
-    for t0 in range(kmin, kmax, KT):
-        nk = min(KT, kmax - t0)  # keys of the tile that some row sees
-        for j in range(nk):
-            t = t0 + j
-            phys = table[b, t // bs]
-            load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code)
-            load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code)
-        nk4 = (nk + 3) // 4 * 4
-        for x in range(nk * D, nk4 * D):
-            Kf[x] = 0.0
-        matmul(Kf, D, ONE, Qt, Rp, St, Rp, nk4, Rp, D, OVERWRITE)
-        for r in range(Rp):
-            mt[r] = m[r]
-            chk[r] = 0.0
-            ps[r] = 0.0
-        if mods:   # keys outside [lo, hi) masked, visible scores modified, the running max
-            full = t0 >= maxlo and t0 + nk <= minhi     # every row sees the whole tile: no mask
-            mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, cap > 0.0, alibi, full, chk, mt)
-        else:
+@functools.cache
+def tile_item_for(mods: bool):
+    """``tile_item`` with the modifiers on or off (``MODS``, a closure constant: numba prunes its
+    branches before the inlined body is typed, so the plain kernels compile none of the
+    modifiers' code)."""
+    MODS = bool(mods)
+
+    @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+    def tile_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
+                  qk_scale, out_scale, q_code, kv_code, out, lse):
+        """One work item of R = G * nq rows (padded to Rp, a multiple of 16), as GEMMs on key tiles
+        of KT tokens:
+        St[KT, Rp] = K_tile[KT, D] @ Qt[D, Rp] (rows along the vector lanes), an online softmax
+        vectorized over rows, then Acc[Rp, Dp] += P[Rp, KT] @ V_tile[KT, Dp]. ``MODS``: scores
+        through ``mod_tile``, the window's first key tile; otherwise
+        the plain scores, masked only on the tiles that cross some row's causal limit."""
+        ONE, ADD, OVERWRITE = np.intp(1), np.bool_(True), np.bool_(False)  # not literals: see matmul
+        D = q.shape[1]
+        bs = k.shape[1]
+        R = nq * G
+        Rp = (R + 15) // 16 * 16
+        Dp = (D + 15) // 16 * 16
+        # Scores in base 2 (q times log2 e), except with a softcap: natural units into the tanh.
+        qscale = np.float32(qk_scale) if cap > 0.0 else np.float32(qk_scale * LOG2E)
+        capl = np.float32(cap * LOG2E)
+        inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
+        Qt = np.zeros(D * Rp, np.float32)
+        row = np.empty(D, np.float32)
+        lo = np.zeros(Rp, np.int32)   # int32: as wide as the float32 lanes of the score loops
+        hi = np.zeros(Rp, np.int32)   # padding rows see nothing
+        pos = np.zeros(Rp, np.int32)
+        slope = np.zeros(Rp, np.float32)
+        kmin = L
+        kmax = 0
+        minlim = L
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            load_row(q[row0 + h * sh + i * si], D, row, q_code)
+            for d in range(D):
+                Qt[d * Rp + r] = row[d] * qscale
+            pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+            if MODS:
+                slope[r] = slopes[h] * np.float32(LOG2E)   # base 2
+            if hi[r] > lo[r]:
+                kmin = min(kmin, lo[r])
+                kmax = max(kmax, hi[r])
+            minlim = min(minlim, max(hi[r], 0))
+        alibi = False               # some row has a nonzero slope
+        maxlo = 0                   # tiles in [max lo, min hi) are visible to every row
+        minhi = L
+        for r in range(R):
+            alibi |= slope[r] != 0.0
+            maxlo = max(maxlo, lo[r])
+            minhi = min(minhi, hi[r])
+        Kf = np.zeros(KT * D, np.float32)
+        Vf = np.zeros(KT * Dp, np.float32)
+        Kbits = Kf.view(np.uint32)
+        Vbits = Vf.view(np.uint32)
+        St = np.empty(KT * Rp, np.float32)
+        acc = np.zeros(Rp * Dp, np.float32)
+        m = np.full(Rp, -np.inf, np.float32)
+        lsum = np.zeros(Rp, np.float32)
+        mt = np.empty(Rp, np.float32)
+        chk = np.empty(Rp, np.float32)
+        msub = np.empty(Rp, np.float32)
+        alpha = np.empty(Rp, np.float32)
+        ps = np.empty(Rp, np.float32)
+        for t0 in range(kmin, kmax, KT):
+            nk = min(KT, kmax - t0)  # keys of the tile that some row sees
             for j in range(nk):
-                for r in range(Rp):
-                    s = St[j * Rp + r]
-                    chk[r] += s - s  # NaN where a score is inf / NaN
-            if t0 + nk > minlim:  # causal diagonal / short rows: mask keys the row does not see
-                for r in range(Rp):
-                    for j in range(max(0, hi[r] - t0), nk):
-                        St[j * Rp + r] = -np.inf
-            for j in range(nk):
-                for r in range(Rp):
-                    s = St[j * Rp + r]
-                    mt[r] = s if s > mt[r] else mt[r]
-        for r in range(Rp):
-            if not chk[r] == 0.0 or not mt[r] < np.inf:  # non-finite scores: flag the row
-                m[r] = np.inf
-            if m[r] == np.inf:
-                msub[r] = 0.0
-                alpha[r] = 1.0
-            elif mt[r] == -np.inf:  # nothing visible yet
-                msub[r] = 0.0
-                alpha[r] = 1.0
-            else:
-                alpha[r] = np.float32(math.exp2(m[r] - mt[r]))
-                m[r] = mt[r]
-                msub[r] = mt[r]
-        for j in range(nk):
+                t = t0 + j
+                phys = table[b, t // bs]
+                load_tok(k, phys, t % bs, kvh, D, Kf, Kbits, j * D, kv_code)
+                load_tok(v, phys, t % bs, kvh, D, Vf, Vbits, j * Dp, kv_code)
+            nk4 = (nk + 3) // 4 * 4
+            for x in range(nk * D, nk4 * D):
+                Kf[x] = 0.0
+            matmul(Kf, D, ONE, Qt, Rp, St, Rp, nk4, Rp, D, OVERWRITE)
             for r in range(Rp):
-                x = j * Rp + r
-                # 2 ** (s - m): below -127 the exponent field is 0, so masked keys give exactly 0
-                p = exp2_f32(min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0)))
-                St[x] = p
-                ps[r] += p
-        for r in range(R):
-            lsum[r] = lsum[r] * alpha[r] + ps[r]
-            if alpha[r] != 1.0:
-                for d in range(Dp):
-                    acc[r * Dp + d] *= alpha[r]
-        matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        finish_row(out, lse, row0 + h * sh + i * si, acc[r * Dp:r * Dp + D], m[r], lsum[r], out_scale)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
-             qk_scale, out_scale, q_code, kv_code, mods, out, lse):
-    """One work item with few rows (decode): per paged block, row-by-key dot products. ``mods``:
-    visible scores through ``mod_row`` into a scratch row, blocks from the window's first key."""
-    D = q.shape[1]
-    bs = k.shape[1]
-    R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
-    qscale = np.float32(qk_scale) if mods else np.float32(qk_scale * LOG2E)   # mods: natural units
-    cap32 = np.float32(cap)
-    inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
-    Qs = np.empty((R, D), np.float32)
-    acc = np.zeros((R, D), np.float32)
-    m = np.full(R, -np.inf, np.float32)
-    lsum = np.zeros(R, np.float32)
-    lo = np.empty(R, np.int64)
-    hi = np.empty(R, np.int64)
-    pos = np.empty(R, np.int64)
-    slope = np.zeros(R, np.float32)
-    kmin = L
-    kmax = 0
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        load_row(q[row0 + h * sh + i * si], D, Qs[r], q_code)
-        for d in range(D):
-            Qs[r, d] *= qscale
-        pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
-        if mods:
-            slope[r] = slopes[h]
-        if hi[r] > lo[r]:
-            kmin = min(kmin, lo[r])
-            kmax = max(kmax, hi[r])
-    alibi = False               # some row has a nonzero slope
-    for r in range(R):
-        alibi |= slope[r] != 0.0
-    Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
-    Vb = np.zeros((bs, D), np.float32)
-    S = np.empty((R, bs), np.float32)
-    P = np.empty(bs, np.float32)
-    ebits = np.empty(bs, np.int32)
-    for lb in range(kmin // bs, (kmax + bs - 1) // bs):
-        phys = table[b, lb]
-        t0 = lb * bs
-        j0 = max(0, kmin - t0)
-        nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
-        for j in range(j0, nj):
-            load_row(k[phys, j, kvh], D, Kb[j], kv_code)
-            load_row(v[phys, j, kvh], D, Vb[j], kv_code)
-        scores(Qs, Kb, nj, S)
-        for r in range(R):
-            a = max(lo[r] - t0, 0)
-            e = min(hi[r] - t0, nj)
-            nvis = e - a
-            if nvis <= 0 or m[r] == np.inf:
-                continue
-            w = P if mods else S[r]     # the row's scores, from key a (mods) or 0 (plain: a == 0)
-            mb = np.float32(-np.inf)
-            bad = np.float32(0.0)
-            if mods:
-                mb, bad = mod_row_any(S[r], a, nvis, P, cap32, inv_cap, slope[r], pos[r] - (t0 + a), cap > 0.0,
-                                      alibi)
+                mt[r] = m[r]
+                chk[r] = 0.0
+                ps[r] = 0.0
+            if MODS:   # keys outside [lo, hi) masked, visible scores modified, the running max
+                full = t0 >= maxlo and t0 + nk <= minhi     # every row sees the whole tile: no mask
+                mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, cap > 0.0, alibi, full, chk, mt)
             else:
+                for j in range(nk):
+                    for r in range(Rp):
+                        s = St[j * Rp + r]
+                        chk[r] += s - s  # NaN where a score is inf / NaN
+                if t0 + nk > minlim:  # causal diagonal / short rows: mask keys the row does not see
+                    for r in range(Rp):
+                        for j in range(max(0, hi[r] - t0), nk):
+                            St[j * Rp + r] = -np.inf
+                for j in range(nk):
+                    for r in range(Rp):
+                        s = St[j * Rp + r]
+                        mt[r] = s if s > mt[r] else mt[r]
+            for r in range(Rp):
+                if not chk[r] == 0.0 or not mt[r] < np.inf:  # non-finite scores: flag the row
+                    m[r] = np.inf
+                if m[r] == np.inf:
+                    msub[r] = 0.0
+                    alpha[r] = 1.0
+                elif mt[r] == -np.inf:  # nothing visible yet
+                    msub[r] = 0.0
+                    alpha[r] = 1.0
+                else:
+                    alpha[r] = np.float32(math.exp2(m[r] - mt[r]))
+                    m[r] = mt[r]
+                    msub[r] = mt[r]
+            for j in range(nk):
+                for r in range(Rp):
+                    x = j * Rp + r
+                    # 2 ** (s - m): below -127 the exponent field is 0, so masked keys give exactly 0
+                    p = exp2_f32(min(max(St[x] - msub[r], np.float32(-127.0)), np.float32(0.0)))
+                    St[x] = p
+                    ps[r] += p
+            for r in range(R):
+                lsum[r] = lsum[r] * alpha[r] + ps[r]
+                if alpha[r] != 1.0:
+                    for d in range(Dp):
+                        acc[r * Dp + d] *= alpha[r]
+            matmul(St, ONE, Rp, Vf, Dp, acc, Dp, Rp, Dp, nk, ADD)
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            finish_row(out, lse, row0 + h * sh + i * si, acc[r * Dp:r * Dp + D], m[r], lsum[r], out_scale)
+
+    return tile_item
+
+
+@functools.cache
+def row_item_for(mods: bool):
+    """``row_item`` with the modifiers on or off (``MODS``, a closure constant: numba prunes its
+    branches before the inlined body is typed, so the plain kernels compile none of the
+    modifiers' code)."""
+    MODS = bool(mods)
+
+    @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
+    def row_item(q, k, v, table, b, kvh, G, q0, nq, L, n, row0, sh, si, causal, window_left, cap, slopes,
+                 qk_scale, out_scale, q_code, kv_code, out, lse):
+        """One work item with few rows (decode): per paged block, row-by-key dot products. ``mods``:
+        visible scores through ``mod_row`` into a scratch row, blocks from the window's first key."""
+        D = q.shape[1]
+        bs = k.shape[1]
+        R = nq * G  # rows: (GQA head g, query q0 + r % nq) for r = g * nq + ...
+        qscale = np.float32(qk_scale) if MODS else np.float32(qk_scale * LOG2E)   # MODS: natural units
+        cap32 = np.float32(cap)
+        inv_cap = np.float32(1.0 / cap) if cap > 0.0 else np.float32(0.0)
+        Qs = np.empty((R, D), np.float32)
+        acc = np.zeros((R, D), np.float32)
+        m = np.full(R, -np.inf, np.float32)
+        lsum = np.zeros(R, np.float32)
+        lo = np.empty(R, np.int64)
+        hi = np.empty(R, np.int64)
+        pos = np.empty(R, np.int64)
+        slope = np.zeros(R, np.float32)
+        kmin = L
+        kmax = 0
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            load_row(q[row0 + h * sh + i * si], D, Qs[r], q_code)
+            for d in range(D):
+                Qs[r, d] *= qscale
+            pos[r], lo[r], hi[r] = row_window(L, n, i, causal, window_left)
+            if MODS:
+                slope[r] = slopes[h]
+            if hi[r] > lo[r]:
+                kmin = min(kmin, lo[r])
+                kmax = max(kmax, hi[r])
+        Kb = np.zeros((bs, D), np.float32)   # slots before the window stay 0 (never read)
+        Vb = np.zeros((bs, D), np.float32)
+        S = np.empty((R, bs), np.float32)
+        P = np.empty(bs, np.float32)
+        ebits = np.empty(bs, np.int32)
+        for lb in range(kmin // bs, (kmax + bs - 1) // bs):
+            phys = table[b, lb]
+            t0 = lb * bs
+            j0 = max(0, kmin - t0)
+            nj = min(bs, kmax - t0)  # valid tokens of this block that some row sees
+            for j in range(j0, nj):
+                load_row(k[phys, j, kvh], D, Kb[j], kv_code)
+                load_row(v[phys, j, kvh], D, Vb[j], kv_code)
+            scores(Qs, Kb, nj, S)
+            for r in range(R):
+                a = max(lo[r] - t0, 0)
+                e = min(hi[r] - t0, nj)
+                nvis = e - a
+                if nvis <= 0 or m[r] == np.inf:
+                    continue
+                w = P if MODS else S[r]     # the row's scores, from key a (MODS) or 0 (plain: a == 0)
+                mb = np.float32(-np.inf)
+                bad = np.float32(0.0)
+                if MODS:
+                    mb, bad = mod_row(S[r], a, nvis, P, cap32, inv_cap, slope[r], pos[r] - (t0 + a))
+                else:
+                    for j in range(nvis):
+                        mb = max(mb, S[r, j])
+                if not bad == 0.0 or not abs(mb) < np.inf:  # inf / NaN scores (float32 overflow): flag the row
+                    m[r] = np.inf
+                    continue
+                m_new = max(m[r], mb)
+                alpha = np.float32(math.exp2(m[r] - m_new))
+                exp2_shifted(w, nvis, m_new, ebits)
+                psum = np.float32(0.0)
                 for j in range(nvis):
-                    mb = max(mb, S[r, j])
-            if not bad == 0.0 or not abs(mb) < np.inf:  # inf / NaN scores (float32 overflow): flag the row
-                m[r] = np.inf
-                continue
-            m_new = max(m[r], mb)
-            alpha = np.float32(math.exp2(m[r] - m_new))
-            exp2_shifted(w, nvis, m_new, ebits)
-            psum = np.float32(0.0)
-            for j in range(nvis):
-                psum += w[j]
-            lsum[r] = lsum[r] * alpha + psum
-            m[r] = m_new
-            if alpha != 1.0:
-                for d in range(D):
-                    acc[r, d] *= alpha
-            if mods:
-                accumulate(acc, r, P, Vb[a:], nvis)
-            else:
-                accumulate(acc, r, S[r], Vb, nvis)
-    for r in range(R):
-        h = kvh * G + r // nq
-        i = q0 + r % nq
-        finish_row(out, lse, row0 + h * sh + i * si, acc[r], m[r], lsum[r], out_scale)
+                    psum += w[j]
+                lsum[r] = lsum[r] * alpha + psum
+                m[r] = m_new
+                if alpha != 1.0:
+                    for d in range(D):
+                        acc[r, d] *= alpha
+                if MODS:
+                    accumulate(acc, r, P, Vb[a:], nvis)
+                else:
+                    accumulate(acc, r, S[r], Vb, nvis)
+        for r in range(R):
+            h = kvh * G + r // nq
+            i = q0 + r % nq
+            finish_row(out, lse, row0 + h * sh + i * si, acc[r], m[r], lsum[r], out_scale)
+
+    return row_item
 
 
 ROWS_GEMM = 16  # work items with at least this many rows take the GEMM path
@@ -343,6 +359,12 @@ def n_items(B: int, H: int, Hkv: int, Sq: int, tq: int) -> int:
     """Work items of a forward: (sequence, KV head, query tile) for B * Hkv * ceil(Sq / tqq)."""
     tqq = max(1, tq // (H // Hkv))
     return B * Hkv * ((Sq + tqq - 1) // tqq)
+
+
+# The work items' two variants, as module globals (a kernel that captured them as closure variables
+# could not be cached): each kernel calls one, chosen by its closure constants.
+tile_item_plain, tile_item_mods = tile_item_for(False), tile_item_for(True)
+row_item_plain, row_item_mods = row_item_for(False), row_item_for(True)
 
 
 @functools.cache
@@ -379,11 +401,11 @@ def fwd_kernel(q_code: int, kv_code: int, gemm: bool):
             q0 = qt * tqq
             nq = min(Sq, q0 + tqq) - q0
             if GEMM:
-                tile_item(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal, -1,
-                          0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, False, out2, lse1)
+                tile_item_plain(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal,
+                                -1, 0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, out2, lse1)
             else:
-                row_item(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal, -1,
-                         0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, False, out2, lse1)
+                row_item_plain(q2, k, v, table, b, kvh, G, q0, nq, seq_lens[b], Sq, b * H * Sq, Sq, 1, causal,
+                               -1, 0.0, _NO_SLOPES, qk_scale, out_scale, Q_CODE, KV_CODE, out2, lse1)
 
     return paged_attention_fwd
 
@@ -426,13 +448,21 @@ def fwd_mods_kernel(q_code: int, kv_code: int, gemm: bool, mods: bool = True):
         for item in prange(start, stop):
             prefer_512()
             b = it_b[item]
-            if GEMM:
-                tile_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
-                          row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
-                          KV_CODE, MODS, out, lse)
+            if GEMM and MODS:
+                tile_item_mods(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b],
+                               q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale,
+                               out_scale, Q_CODE, KV_CODE, out, lse)
+            elif GEMM:
+                tile_item_plain(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b],
+                                q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale,
+                                out_scale, Q_CODE, KV_CODE, out, lse)
+            elif MODS:
+                row_item_mods(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b],
+                              q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale,
+                              out_scale, Q_CODE, KV_CODE, out, lse)
             else:
-                row_item(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b], q_lens[b],
-                         row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale, out_scale, Q_CODE,
-                         KV_CODE, MODS, out, lse)
+                row_item_plain(q, k, v, table, b, it_kvh[item], G, it_q0[item], it_nq[item], seq_lens[b],
+                               q_lens[b], row0[b], sh, si, causal, window_left, softcap, slopes, qk_scale,
+                               out_scale, Q_CODE, KV_CODE, out, lse)
 
     return paged_attention_fwd_mods

@@ -1,7 +1,7 @@
 """The CPU forward's score modifiers (softcap, ALiBi) and masks over a row's or a tile's scores,
 vectorized: ``mod_row`` (the decode path: one row, a paged block's keys) and ``mod_tile`` (the
-GEMM path: a key tile, rows on the vector lanes), each with compile-time flags so a call pays only
-for what is on, and ``mod_row_any`` / ``mod_tile_any`` choosing the copy from run-time values.
+GEMM path: a key tile, rows on the vector lanes, with compile-time flags so a call pays only for
+what is on; ``mod_tile_any`` chooses the copy from run-time values).
 Scores come in natural units (q . k times the scale) and leave in base 2 for exp2."""
 from __future__ import annotations
 
@@ -13,35 +13,21 @@ from .mathf import LOG2E, tanh_f32
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0, CAP, ALIBI):
-    """P[j] = visible natural-units score Sr[a + j] through the softcap (``CAP``), then ALiBi
-    (``ALIBI``: minus slope * |d0 - j|), in base 2 for exp2; returns (max, NaN if some score is not
-    finite else 0). The flags are constants at each call site (``mod_row_any``)."""
+def mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0):
+    """P[j] = visible natural-units score Sr[a + j] through the softcap (cap > 0), then ALiBi (minus
+    slope * |d0 - j|), in base 2 for exp2; returns (max, NaN if some score is not finite else 0)."""
     mb = np.float32(-np.inf)
     bad = np.float32(0.0)
     for j in range(nvis):
         s = Sr[a + j]
-        if CAP:
+        if cap > 0.0:
             s = cap * tanh_f32(s * inv_cap)
-        if ALIBI:
-            s -= slope * np.float32(abs(d0 - j))
+        s -= slope * np.float32(abs(d0 - j))
         s *= np.float32(LOG2E)
         P[j] = s
         bad += s - s
         mb = max(mb, s)
     return mb, bad
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_row_any(Sr, a, nvis, P, cap, inv_cap, slope, d0, cap_on, alibi):
-    """``mod_row`` with its flags from run-time values (softcap on, ALiBi slopes not all zero)."""
-    if cap_on:
-        if alibi:
-            return mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0, True, True)
-        return mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0, True, False)
-    if alibi:
-        return mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0, False, True)
-    return mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0, False, False)
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -74,24 +60,14 @@ def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, ALIBI, FUL
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
 def mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, cap_on, alibi, full, chk, mt):
-    """``mod_tile`` with its flags from run-time values: softcap on, ALiBi slopes not all zero, the
-    tile inside every row's visible keys."""
-    if cap_on:
-        if alibi:
-            if full:
-                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, True, True, chk, mt)
-            else:
-                mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, True, False, chk, mt)
-        elif full:
-            mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, False, True, chk, mt)
-        else:
-            mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, False, False, chk, mt)
-    elif alibi:
-        if full:
-            mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, True, True, chk, mt)
-        else:
-            mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, True, False, chk, mt)
-    elif full:
-        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, False, True, chk, mt)
+    """``mod_tile`` with its flags from run-time values (softcap on, ALiBi slopes not all zero, the
+    tile inside every row's visible keys): three copies -- a softcap-only full tile (no mask, no
+    ALiBi term: the case where the mask and the ALiBi term cost most next to the tanh), and softcap
+    or not with both. Each copy is compiled into every modifier kernel; all 8 combinations would
+    add about 5 s of cold compile."""
+    if cap_on and full and not alibi:
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, False, True, chk, mt)
+    elif cap_on:
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, True, False, chk, mt)
     else:
-        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, False, False, chk, mt)
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, True, False, chk, mt)
