@@ -167,13 +167,14 @@ def tile_item_for(mods: bool):
                 kmin = min(kmin, lo[r])
                 kmax = max(kmax, hi[r])
             minlim = min(minlim, max(hi[r], 0))
-        alibi = False               # some row has a nonzero slope
-        maxlo = 0                   # tiles in [max lo, min hi) are visible to every row
-        minhi = L
-        for r in range(R):
-            alibi |= slope[r] != 0.0
-            maxlo = max(maxlo, lo[r])
-            minhi = min(minhi, hi[r])
+        if MODS:
+            alibi = False           # some row has a nonzero slope
+            maxlo = 0               # tiles in [max lo, min hi) are visible to every row
+            minhi = L
+            for r in range(R):
+                alibi |= slope[r] != 0.0
+                maxlo = max(maxlo, lo[r])
+                minhi = min(minhi, hi[r])
         Kf = np.zeros(KT * D, np.float32)
         Vf = np.zeros(KT * Dp, np.float32)
         Kbits = Kf.view(np.uint32)
@@ -203,8 +204,8 @@ def tile_item_for(mods: bool):
                 chk[r] = 0.0
                 ps[r] = 0.0
             if MODS:   # keys outside [lo, hi) masked, visible scores modified, the running max
-                full = t0 >= maxlo and t0 + nk <= minhi     # every row sees the whole tile: no mask
-                mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, cap > 0.0, alibi, full, chk, mt)
+                bare = not alibi and t0 >= maxlo and t0 + nk <= minhi   # no ALiBi term, no mask
+                mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope, capl, inv_cap, cap > 0.0, bare, chk, mt)
             else:
                 for j in range(nk):
                     for r in range(Rp):

@@ -31,14 +31,14 @@ def mod_row(Sr, a, nvis, P, cap, inv_cap, slope, d0):
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, ALIBI, FULL, chk, mt):
+def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, BARE, chk, mt):
     """One key tile of the GEMM path's scores ``St[j * Rp + r]`` (key t0 + j, row r) through the
     modifiers, in place and in base 2: softcap ``capl * tanh(s * inv_cap)`` when ``CAP`` (capl = cap
-    log2 e, s in natural units), minus ``slope2[r] * |pos[r] - t|`` (slopes times log2 e) when
-    ``ALIBI``, keys outside [lo[r], hi[r]) set to -inf unless ``FULL`` (every row sees the whole
-    tile); ``chk[r]`` gets NaN for a non-finite visible score and ``mt[r]`` the running max. Rows
-    are the inner loop (the vector lanes); the flags are constants at each call site
-    (``mod_tile_any``), so each copy compiles without the others' work."""
+    log2 e, s in natural units), then -- unless ``BARE`` (no ALiBi slope and every row sees the
+    whole tile) -- minus ``slope2[r] * |pos[r] - t|`` (slopes times log2 e) and keys outside
+    [lo[r], hi[r]) set to -inf; ``chk[r]`` gets NaN for a non-finite visible score and ``mt[r]``
+    the running max. Rows are the inner loop (the vector lanes); the flags are constants at each
+    call site (``mod_tile_any``), so each copy compiles without the others' work."""
     for j in range(nk):
         t = np.int32(t0 + j)
         for r in range(Rp):
@@ -46,11 +46,10 @@ def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, ALIBI, FUL
             s = St[x]
             if CAP:
                 s = capl * tanh_f32(s * inv_cap)
-            if ALIBI:
-                s -= slope2[r] * np.float32(abs(pos[r] - t))
-            if FULL:
+            if BARE:
                 chk[r] += s - s     # NaN where a score is inf / NaN
             else:
+                s -= slope2[r] * np.float32(abs(pos[r] - t))
                 vis = (t >= lo[r]) & (t < hi[r])
                 chk[r] += (s - s) if vis else np.float32(0.0)   # NaN where a visible score is inf / NaN
                 s = s if vis else np.float32(-np.inf)
@@ -59,15 +58,15 @@ def mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, CAP, ALIBI, FUL
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy", cache=True)
-def mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, cap_on, alibi, full, chk, mt):
-    """``mod_tile`` with its flags from run-time values (softcap on, ALiBi slopes not all zero, the
-    tile inside every row's visible keys): three copies -- a softcap-only full tile (no mask, no
-    ALiBi term: the case where the mask and the ALiBi term cost most next to the tanh), and softcap
-    or not with both. Each copy is compiled into every modifier kernel; all 8 combinations would
-    add about 5 s of cold compile."""
-    if cap_on and full and not alibi:
-        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, False, True, chk, mt)
+def mod_tile_any(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, cap_on, bare, chk, mt):
+    """``mod_tile`` with its flags from run-time values (softcap on; no ALiBi slope and the tile
+    inside every row's visible keys), in three copies: a bare softcap tile -- where the mask and the
+    ALiBi term cost most next to the tanh -- and the full pass with and without the softcap. Each
+    copy is compiled into every modifier kernel; all eight (softcap, ALiBi, mask) combinations
+    would add about 5 s of cold compile."""
+    if cap_on and bare:
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, True, chk, mt)
     elif cap_on:
-        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, True, False, chk, mt)
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, True, False, chk, mt)
     else:
-        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, True, False, chk, mt)
+        mod_tile(St, Rp, nk, t0, lo, hi, pos, slope2, capl, inv_cap, False, False, chk, mt)
