@@ -114,6 +114,16 @@ def run_bwd(q, k, v, bt, sl, dout, **kw):
     return grads
 
 
+def run_bwd_simt(q, k, v, bt, sl, dout, **kw):
+    """``run_bwd`` on the SIMT kernels (``client.backward_mma = False``, restored after)."""
+    client = pn.get_runtime("cuda").client
+    client.backward_mma = False
+    try:
+        return run_bwd(q, k, v, bt, sl, dout, **kw)
+    finally:
+        client.backward_mma = True
+
+
 def check(grads, q, k, v, bt, sl, dout, dtype, **kw):
     """Each gradient against the oracle (dtype, shape, no NaN / inf, the floored relative error),
     and every slot no valid token reads -- NaN-poisoned -- exactly 0."""
@@ -163,12 +173,7 @@ def test_cuda_bwd_mma_matches_simt(spy, dtype):
     q, k, v, bt, sl = make_case(rng, 2, 2, 1, 5, 16, 8, [19, 9], dtype, shared=True)
     dout = rng.standard_normal(q.shape).astype(dtype)
     tc = run_bwd(q, k, v, bt, sl, dout, causal=True)
-    client = pn.get_runtime("cuda").client
-    client.backward_mma = False
-    try:
-        simt = run_bwd(q, k, v, bt, sl, dout, causal=True)
-    finally:
-        client.backward_mma = True
+    simt = run_bwd_simt(q, k, v, bt, sl, dout, causal=True)
     assert len(spy) == 1, "backward_mma = False must select the SIMT kernels"
     for name, a, b in zip(("dq", "dk", "dv"), tc, simt):
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
@@ -328,12 +333,7 @@ def test_cuda_bwd_tf32_error_within_2x_simt(spy, case, gpu):
     dout = rng.standard_normal(q.shape).astype(F32)
     tc = run_bwd(q, k, v, bt, sl, dout, causal=causal)
     assert len(spy) == 1, "the tensor-core backward did not run"
-    client = pn.get_runtime("cuda").client
-    client.backward_mma = False
-    try:
-        simt = run_bwd(q, k, v, bt, sl, dout, causal=causal)
-    finally:
-        client.backward_mma = True
+    simt = run_bwd_simt(q, k, v, bt, sl, dout, causal=causal)
     refs = check(tc, q, k, v, bt, sl, dout, F32, causal=causal)
     for name, e_tc, e_simt in zip(("dq", "dk", "dv"), _errors_vs_ref(tc, refs), _errors_vs_ref(simt, refs)):
         assert e_tc <= 2.0 * e_simt + 1e-7, f"{name}: 3xTF32 error {e_tc:.3g} vs SIMT {e_simt:.3g}"

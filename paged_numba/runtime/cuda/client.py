@@ -14,6 +14,13 @@ from .launch import Graph, Launch, PreparedLaunch, as_stream, device_ptr
 from .scratch import PlanState, Scratch, fill_metadata
 
 
+def _flat(x, tf32: bool):
+    """A device array as the tensor-core kernels take it: flat, and for the 3xTF32 kernels (``tf32``)
+    its float32 bits as uint32 (their tiles are 32-bit words)."""
+    x = x.reshape(x.size)
+    return x.view(np.uint32) if tf32 else x
+
+
 class CudaClient(Client):
     supports_score_mods = True    # cu_seqlens_q, window_left, softcap, alibi_slopes
     #: F16 / BF16 prefill (more than 4 queries, head dims multiple of 16) and F32 (3xTF32, head
@@ -166,14 +173,14 @@ class CudaClient(Client):
         fill_kernel()[EB, ET](dqf)
         if cfg.max_span:
             kern = dkdvq_kernel(D, cfg.q_dtype.code, NW, BQ, WINDOW=window, VRED=vred, MAXREG=MAXREG)
-            flat = (lambda x: x.reshape(x.size).view(np.uint32)) if tf32 else (lambda x: x.reshape(x.size))
-            args = (flat(q2), flat(do2), flat(k), flat(v), meta.table, meta.lens,
+            args = (*(_flat(x, tf32) for x in (q2, do2, k, v)), meta.table, meta.lens,
                     meta.work, cfg.H, sh, si, bs, Hkv, cfg.scale, cfg.causal, cfg.window_left, lse2, delta, dk, dv,
                     dqf)
             self._launch(Launch(kern, (cfg.B * Hkv, -(-cfg.max_span // (16 * NW))), 32 * NW,
                                 smem_bytes(D, NW, BQ, tf32), args))
         if not tf32:
             encode_kernel(cfg.q_dtype.code)[EB, ET](dqf, dq2.reshape(n))
+
     @staticmethod
     def _mods(cfg) -> dict:
         """The kernels' compile-time score-modifier flags."""
@@ -326,8 +333,7 @@ class CudaClient(Client):
                                      self.runtime.cc)
         kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods,
                               HWCVT=_plan.fp8_hw_convert(self.runtime.cc))
-        flat = (lambda x: x.reshape(x.size).view(np.uint32)) if tf32 else (lambda x: x.reshape(x.size))
-        args = (flat(q2), flat(k), flat(v), meta.table, meta.lens, meta.work,
+        args = (_flat(q2, tf32), _flat(k, tf32), _flat(v, tf32), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
                 meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
         grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
