@@ -1,5 +1,6 @@
 """GPU backward benchmark: ``pn.paged_attention_bwd`` on the cuda runtime, side by side in one run
-with PyTorch SDPA's backward on the same data made contiguous (fp32, and bf16).
+with PyTorch SDPA's backward on the same data made contiguous (fp32, and bf16) and with the backward
+of torch ``flex_attention``'s paged path over the same pool and table (``flex_paged.py``).
 
     python benchmarks/gpu_backward.py [--B 4] [--H 32] [--Hkv 32] [--L 4096] [--D 128] [--bs 16]
                                       [--reps 5] [--no-simt] [--bwd-tiles 4x32 8x32x255 ...]
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--no-simt", action="store_true", help="bf16: no SIMT-kernel row")
+    ap.add_argument("--no-flex", action="store_true", help="no torch flex_attention paged rows")
     ap.add_argument("--bwd-tiles", nargs="*", default=[],
                     help="bf16: extra tensor-core rows at these layouts, NWxBQ[xMAXREG] (warps x query rows "
                          "per step x register cap, 0 / none: uncapped)")
@@ -85,6 +87,33 @@ def main(argv=None) -> int:
 
     ref = {}
 
+    def flex_row(name, q, k, v, dout, dq_t, t_ref):
+        """torch flex_attention's paged path (benchmarks/flex_paged.py) on the same K/V and table:
+        the backward of its forward (autograd.grad, CUDA events), dq checked against SDPA's."""
+        import flex_paged
+
+        def pool(x):
+            blocks = x.transpose(1, 2).reshape(B, M, bs, Hkv, D).reshape(N, bs, Hkv, D)
+            p = torch.empty_like(blocks)
+            p[perm] = blocks
+            return p
+
+        label = f"torch flex_attention paged backward {name}"
+        try:
+            fwd, how = flex_paged.build(torch, q, pool(k), pool(v), table.long(), [L] * B, True,
+                                        kc=k, vc=v, grad=True)
+            o, qr, kr, vr = fwd()
+            dq = torch.autograd.grad(o, (qr, kr, vr), dout, retain_graph=True)[0]
+            err = float((dq.float() - dq_t.float()).abs().max() / dq_t.float().abs().max().clamp_min(1e-30))
+            t = events(lambda: torch.autograd.grad(o, (qr, kr, vr), dout, retain_graph=True), args.reps)
+            rows.append([label, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}", f"{t / t_ref:.2f}x",
+                         f"dq {err:.1e} (vs SDPA)", how])
+            log(f"{label}: {t * 1e3:.2f} ms ({how})")
+        except Exception as exc:
+            rows.append([label, "-", "-", "-", "-", f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"])
+            log(f"{label}: {type(exc).__name__}: {exc}")
+        torch.cuda.empty_cache()
+
     def run(name, tdt):
         q = torch.randn(B, H, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
         k = torch.randn(B, Hkv, L, D, device=dev, generator=gen, dtype=torch.float32).to(tdt)
@@ -101,6 +130,8 @@ def main(argv=None) -> int:
         rows.append([f"torch SDPA backward {name} (contiguous)", f"{t_torch * 1e3:.2f}",
                      f"{flops / t_torch / 1e12:.1f}", f"{t_torch / t_ref:.2f}x", "-", ""])
         log(f"torch {name}: {t_torch * 1e3:.2f} ms")
+        if not args.no_flex and not args.dry_run:
+            flex_row(name, q, k, v, dout, grads_t[0], t_ref)
 
         # The paged pool: logical block m of sequence b is physical block table[b, m].
         def pool(x):

@@ -2,7 +2,7 @@
 run, on an NVIDIA GPU (the H200 of shared/gpu/README.md). Block size 16, shuffled block tables.
 
     python benchmarks/gpu_forward.py [--no-save] [--quick] [--repeat N] [--only TEXT]
-                                     [--prefill-budget S] [--table-out PATH]
+                                     [--prefill-budget S] [--table-out PATH] [--no-flex]
 
 Exits at once, with a message, when the cuda runtime cannot start (no GPU or driver) or when the
 CUDA simulator is switched on (the simulator only runs ``--sim-smoke``, a dry run at tiny shapes).
@@ -17,6 +17,10 @@ Rows per workload (symbols: B batch, H query heads, Hkv KV heads, Sq queries, D 
 - ``torch SDPA contiguous``: ``scaled_dot_product_attention`` on the same data already gathered
   into contiguous [B, Hkv, L, D] (``enable_gqa`` for GQA); CUDA events, median.
 - ``torch pool[table] + SDPA``: the gather of the paged pool timed inside, then SDPA.
+- ``torch flex_attention paged``: torch's paged attention on ``flex_attention`` (its
+  ``PagedAttention`` block-mask conversion) over the same pool and block table, compiled; kernel
+  time from the CUPTI trace (``flex_paged.py``; where 16-token pages do not compile it runs on the
+  same K/V re-paged into 128-token pages and says so; ``--no-flex`` leaves it out).
 
 Columns: time; K/V TB/s = bytes of K and V of all tokens read once / time; % of a device-to-device
 copy measured in the same run (bytes read + written); TFLOP/s (prefill: 4 B H Sq L D, half when
@@ -503,6 +507,33 @@ class Bench:
                     self.row(name, impl, t, spread, case, f"{e_slice:.1e} / -", "", f"median of {n}, events")
                 except Exception as exc:
                     self.row(name, impl, note=f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+            self.flex_row(name, case)
+
+    def flex_row(self, name, case):
+        """torch flex_attention's paged path (PagedAttention's converted block mask) on the same pool
+        and block table; kernel time from CUPTI like paged_numba's (flex launches several kernels)."""
+        torch, impl = self.torch, "torch flex_attention paged"
+        if self.args.no_flex:
+            return
+        try:
+            import flex_paged
+            errs = []
+
+            def check(o):
+                errs.append(case.check_slice(o.float().cpu().numpy())[0])
+
+            fn, how = flex_paged.build(torch, case.tq, case.tk, case.tv, case.table_t, case.lens.tolist(),
+                                       case.causal, kc=case.Kc, vc=case.Vc, check=check)
+            t_one = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            t_one = time.perf_counter() - t_one
+            n = max(1, min(20, self.reps(t_one)))
+            tk = kernel_time(torch, fn, n, torch.cuda.synchronize)
+            self.row(name, impl, tk, None, case, f"{errs[0]:.1e} / -", "",
+                     f"{how}; mean of {n}, CUPTI trace")
+        except Exception as exc:
+            self.row(name, impl, note=f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -520,6 +551,7 @@ def parse(argv):
     ap.add_argument("--table-out", default=None, help="also write the final table to this file")
     ap.add_argument("--mma-tiles", default=None, metavar="NW,MT,BK",
                     help="tensor-core prefill tiles for this run (a sweep; default: the client's table)")
+    ap.add_argument("--no-flex", action="store_true", help="no torch flex_attention paged rows")
     ap.add_argument("--sim-smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeat is None:
