@@ -164,6 +164,13 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                       kv_storage=dts[kvn].storage.name,
                                       spec=f"D={D} q={name} kv={kvn} NW={NW} MT={MT} BK={BK}"
                                       + (" hwcvt" if cvt else "")))
+        for name in ("f16", "bf16") if D <= 128 else ():     # the split-K decode on tensor cores (SPLIT)
+            NW, MT, BK = plan.mma_decode_tiles(D, False)
+            specs.append(dict(kernel="decode_mma", D=D, q=name, kv=name, out=name, PT=None,
+                              factory=dict(D=D, kind=dts[name].code, NW=NW, BK=BK, MT=MT, kv_code=dts[name].code,
+                                           SPLIT=True),
+                              kv_storage=dts[name].storage.name,
+                              spec=f"D={D} q={name} kv={name} NW={NW} MT={MT} BK={BK} split"))
         if D > 128:
             continue
         for cc, ccs in _tf32_variants(plan, D):     # F32: 3xTF32 over float32 tiles (uint32 views)
@@ -218,6 +225,16 @@ def specializations(quick: bool = False, partitions=None) -> list:
                                       **storage,
                                       spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} {tag}"
                                       + (" hwcvt" if cvt else "")))
+                    if tf32 or D > 128 or kvn != qn:
+                        continue
+                    NW, MT, BK = plan.mma_decode_tiles(D, False)   # ... and the decode's
+                    specs.append(dict(kernel=f"decode_mma+{tag}", D=D, q=qn, kv=kvn, out=qn, PT=None, **ccs,
+                                      factory=dict(D=D, kind=dts[qn].code, NW=NW, BK=BK, MT=MT, kv_code=dts[kvn].code,
+                                                   WINDOW=window, SOFTCAP=mods, ALIBI=mods, HWCVT=cvt, SPLIT=True),
+                                      **storage,
+                                      spec=f"D={D} q={qn} kv={kvn} NW={NW} MT={MT} BK={BK} split {tag}"
+                                      + (" hwcvt" if cvt else "")))
+                    NW, MT, BK = plan.mma_tiles(D, False, kvn != qn, window, mods, tf32, cc)
     outs = []
     for _, _, on in DTYPE_TRIPLES:
         if on not in outs:
@@ -318,11 +335,13 @@ def _signature(spec):
     if kind == "merge_states":
         return nt.void(arr(spec["out_storage"], 4), arr(f32, 3), arr(spec["out_storage"], 3), arr(f32, 2))
     work = arr("int32", 2)
-    if kind == "prefill_mma":  # flat uint16 q (F32: uint32), flat k / v storage, out as uint32 words, flat lse
+    if kind in ("prefill_mma", "decode_mma"):  # flat uint16 q (F32: uint32), flat k / v storage, out as
+        # uint32 words, flat lse; the split-K partition length and partial states (placeholders for the prefill)
         qa, kv = arr(spec.get("q_storage", "uint16"), 1), arr(spec["kv_storage"], 1)
         return nt.void(qa, kv, kv, arr("int32", 2), arr("int32", 1), work, nt.int64, nt.int64, nt.int64,
                        nt.int64, nt.int64, nt.float64, nt.float64, nt.boolean, nt.int64, nt.float64,
-                       arr(f32, 1), arr("uint32", 1), arr(f32, 1), arr("int32", 1))
+                       arr(f32, 1), arr("uint32", 1), arr(f32, 1), arr("int32", 1), nt.int64, arr(f32, 5),
+                       arr(f32, 5))
     if kind == "merge":
         return nt.void(arr(f32, 5), arr(f32, 5), work, nt.int64, nt.int64, nt.float64,
                        arr(spec["out_storage"], 2), arr(f32, 1))
@@ -493,7 +512,7 @@ def _factory(spec):
     if kind == "tiled":
         from paged_numba.kernels.cuda.paged_attention import tiled_kernel
         return tiled_kernel(**spec["factory"])
-    if kind == "prefill_mma":
+    if kind in ("prefill_mma", "decode_mma"):
         from paged_numba.kernels.cuda.paged_prefill import prefill_kernel
         return prefill_kernel(**spec["factory"])
     if kind.startswith("bwd_"):
@@ -627,7 +646,8 @@ def format_summary(rows) -> str:
     out = []
     for kernel in ("decode", "decode+mods", "tiled", "tiled+mods", "merge", "write_kv", "bwd_delta", "bwd_dkdv",
                    "bwd_dkdv+mods", "bwd_dq", "bwd_dq+mods", "bwd_mma", "bwd_mma+window", "bwd_fill", "bwd_encode",
-                   "merge_pair", "merge_states"):
+                   "prefill_mma", "prefill_mma+window", "prefill_mma+mods", "decode_mma", "decode_mma+window",
+                   "decode_mma+mods", "merge_pair", "merge_states"):
         for cc in sorted({r["cc"] for r in rows}, reverse=True):
             sel = [r for r in rows if r["kernel"] == kernel and r["cc"] == cc]
             good = [r for r in sel if r["ok"]]
@@ -672,8 +692,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None,
                     help="compile only these kernels (decode, decode+mods, tiled, tiled+mods, merge, write_kv, "
                          "bwd_delta, bwd_dkdv, bwd_dkdv+mods, bwd_dq, bwd_dq+mods, bwd_mma, bwd_mma+window, "
-                         "bwd_fill, bwd_encode, "
-                         "merge_pair, merge_states)")
+                         "bwd_fill, bwd_encode, prefill_mma, prefill_mma+window, prefill_mma+mods, decode_mma, "
+                         "decode_mma+window, decode_mma+mods, merge_pair, merge_states)")
     ap.add_argument("--head-dims", nargs="+", type=int, default=None, help="compile only these head dims")
     args = ap.parse_args(argv)
 

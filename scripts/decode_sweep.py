@@ -36,7 +36,14 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="timings (CUDA events only) of which the median is taken")
     ap.add_argument("--cfg", nargs="+", default=None,
                     help="explicit TT,NT,MAXREG,PT,EPL tuples instead of the product of the lists")
+    ap.add_argument("--mma", nargs="+", default=None, metavar="BK,MINPT,BPS",
+                    help="time the tensor-core decode (the public op) instead, at these keys per tile, "
+                         "shortest partitions and target blocks per SM (plan.MMA_DECODE_*)")
+    ap.add_argument("--B-list", nargs="+", type=int, default=None,
+                    help="--mma: also other batch x length shapes, given as B values at L * B0 / B tokens")
     args = ap.parse_args()
+    if args.mma:
+        return mma_sweep(args)
     import ml_dtypes
     from numba import cuda
 
@@ -137,6 +144,67 @@ def main():
                 pass
             print(f"{tag}: {t * 1e6:8.1f} us  {kv_bytes / t / 1e12:5.2f} TB/s  "
                   f"diff={float(np.abs(got - ref).max()):.2e}{regs}", flush=True)
+
+
+def mma_sweep(args):
+    """The tensor-core decode through ``pn.paged_attention_fwd`` with plan.MMA_DECODE_* patched per
+    configuration; CUPTI kernel time (decode + merge) per call, next to the SIMT decode kernel."""
+    import torch
+
+    import paged_numba as pn
+    from paged_numba.runtime.cuda import plan
+    from timing import kernel_time
+
+    rt = pn.get_runtime("cuda")
+    client = rt.client
+    H, Hkv, D, bs = 32, 8, 128, 16
+    shapes = [(args.B, args.L)] + [(b, args.L * args.B // b) for b in (args.B_list or [])]
+    for kvn in args.kv:
+        for B, L in shapes:
+            M = L // bs
+            N = B * M
+            g = torch.Generator(device="cuda").manual_seed(0)
+            tq = torch.randn(B, H, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+            shape = (N, bs, Hkv, D)
+            if kvn == "fp8":
+                tk = torch.randn(shape, device="cuda", generator=g).mul_(8).to(torch.float8_e4m3fn).view(torch.uint8)
+                tv = torch.randn(shape, device="cuda", generator=g).mul_(8).to(torch.float8_e4m3fn).view(torch.uint8)
+                kd = "fp8_e4m3"
+            else:
+                tk = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16).view(torch.int16)
+                tv = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16).view(torch.int16)
+                kd = "bf16"
+            q = pn.tensor(tq.view(torch.int16), dtype="bf16", runtime=rt)
+            k = pn.tensor(tk, dtype=kd, runtime=rt)
+            v = pn.tensor(tv, dtype=kd, runtime=rt)
+            table = np.random.default_rng(0).permutation(N).reshape(B, M).astype(np.int32)
+            kv_bytes = 2 * N * bs * Hkv * D * (1 if kvn == "fp8" else 2)
+
+            def call():
+                if kvn == "fp8":
+                    return pn.paged_attention_fwd_fp8(q, k, v, table, k_scale=0.125, v_scale=0.125)
+                return pn.paged_attention_fwd(q, k, v, table)
+            print(f"B{B} H{H}/{Hkv} D{D} L{L} {kvn}: {kv_bytes / 1e6:.0f} MB of K/V", flush=True)
+            client.decode_mma = False
+            ref = call()[0].numpy().astype(np.float32)
+            t = kernel_time(torch, call, args.reps, rt.synchronize)
+            print(f"  SIMT decode kernel:              {t * 1e6:8.1f} us  {kv_bytes / t / 1e12:5.2f} TB/s", flush=True)
+            client.decode_mma = True
+            saved = plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM
+            for c in args.mma:
+                bk, minpt, bps = (int(x) for x in c.split(","))
+                plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM = bk, minpt, bps
+                try:
+                    got = call()[0].numpy().astype(np.float32)
+                    t = kernel_time(torch, call, args.reps, rt.synchronize)
+                    print(f"  mma BK={bk:3d} MINPT={minpt:5d} BPS={bps:3d}: {t * 1e6:8.1f} us  "
+                          f"{kv_bytes / t / 1e12:5.2f} TB/s  diff vs SIMT {float(np.abs(got - ref).max()):.2e}",
+                          flush=True)
+                except Exception as exc:
+                    print(f"  mma {c}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                finally:
+                    plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM = saved
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

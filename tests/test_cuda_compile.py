@@ -46,6 +46,9 @@ TF32_MOD_HEAD_DIMS = tuple(D for D in MOD_HEAD_DIMS if D <= 128)
 # the tensor-core backward: F16 / BF16, head dims multiples of 16 up to 128; with a window: BF16 at
 # the MOD head dims up to 128
 BWD_MMA_HEAD_DIMS = tuple(D for D in MMA_HEAD_DIMS if D <= 128)
+# The split-K decode on tensor cores: F16 / BF16 q and K/V, head dims up to 128 (window / mods: bf16).
+DECODE_MMA_HEAD_DIMS = tuple(D for D in MMA_HEAD_DIMS if D <= 128)
+DECODE_MMA_MOD_HEAD_DIMS = tuple(D for D in MOD_HEAD_DIMS if D <= 128)
 BWD_MMA_WINDOW_HEAD_DIMS = tuple(D for D in MOD_HEAD_DIMS if D <= 128)
 
 
@@ -123,6 +126,13 @@ def _assert_report(rows, stdout, ccs, partitions):
             want = {(D, q, kv) for D in MOD_HEAD_DIMS for q, kv in MMA_MOD_PAIRS}
             want |= {(D, "f32", "f32") for D in TF32_MOD_HEAD_DIMS}
             assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == "decode_mma" and r["cc"] == cc}
+        want = {(D, name, name) for D in DECODE_MMA_HEAD_DIMS for name in ("f16", "bf16")}
+        assert got == want, f"decode_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        for kernel in ("decode_mma+window", "decode_mma+mods"):
+            got = {(r["D"], r["q"], r["kv"]) for r in rows if r["kernel"] == kernel and r["cc"] == cc}
+            want = {(D, "bf16", "bf16") for D in DECODE_MMA_MOD_HEAD_DIMS}
+            assert got == want, f"{kernel} {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
         got = {(r["D"], r["q"]) for r in rows if r["kernel"] == "bwd_mma" and r["cc"] == cc}
         want = {(D, name) for D in BWD_MMA_HEAD_DIMS for name in ("f16", "bf16", "f32")}
         assert got == want, f"bwd_mma {cc}: missing {sorted(want - got)}, unexpected {sorted(got - want)}"
@@ -139,7 +149,8 @@ def _assert_report(rows, stdout, ccs, partitions):
               + 2 * len(MOD_HEAD_DIMS) * len(MOD_DTYPE_TRIPLES) + 2 * len(MOD_HEAD_DIMS) * len(MOD_BWD_DTYPES)
               + 2 * len(HEAD_DIMS) * len(BWD_DTYPES) + 2 * len(MOD_HEAD_DIMS) * len(MMA_MOD_PAIRS)
               + 3 * len(BWD_MMA_HEAD_DIMS) + 2 * len(BWD_MMA_WINDOW_HEAD_DIMS)
-              + len(TF32_HEAD_DIMS) + 2 * len(TF32_MOD_HEAD_DIMS))
+              + len(TF32_HEAD_DIMS) + 2 * len(TF32_MOD_HEAD_DIMS)
+              + 2 * len(DECODE_MMA_HEAD_DIMS) + 2 * len(DECODE_MMA_MOD_HEAD_DIMS))
     assert len(rows) == len(ccs) * per_cc
     failed = [f"{r['kernel']} {r['spec']} {r['cc']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)

@@ -297,7 +297,7 @@ def dkdvq_kernel(D: int, kind: int, NW: int, BQ: int, WINDOW: bool = False, VRED
         l2s = cuda.shared.array((2, BQ), float32)
         dls = cuda.shared.array((2, BQ), float32)
         pos = cuda.shared.array((2, BQ), int32)
-        resolve_slots(slots, table, b, kvh, k0, L, bs, Hkv, tid, BK)
+        resolve_slots(slots, table, b, kvh, k0, L, bs, Hkv, tid, BK, NT)
         cuda.syncthreads()
         load_kv(sm, k, v, slots, KOFF, VOFF, tid, NT, BK, D, PK, PK, E, TF)
         _load_rows(sm, q, dout, r_lo, R, uG, kvh, row0, stride_h, stride_i, QOFF, DOFF, tid, NT, BQ, D, PQ, E, TF)

@@ -24,9 +24,15 @@ D + 4) tile elements per row.
   float32 bits)
 - ``lse``      float32 [rows] (natural log); ``flag`` int32 [1], set when a visible score is not
   finite (the client raises)
+- ``part_len``, ``po``, ``pml`` (SPLIT only; placeholders otherwise): keys per split-K partition,
+  and the partial states float32 [n_dec, H, SQ, P, D] / [n_dec, H, SQ, P, 2] in the layout of
+  ``paged_decode.decode_kernel`` (normalized output; max in base 2 and sum)
 
 Grid (len(work list) * Hkv, ceil(max R / BQ)), 32 * NW threads; a row tile past its sequence's R
-returns at once. A block owns BQ rows of one (sequence, KV head): row r is query ``r // G`` of head
+returns at once. SPLIT (the decode on tensor cores): the decode work list (``work`` row 2), and
+grid z = partitions -- partition z covers keys [s + z * part_len, s + (z + 1) * part_len) from the
+sequence's first visible key s, every row's visible range clamped to it; with one partition the
+block writes out / lse, else its partial state for the merge. A block owns BQ rows of one (sequence, KV head): row r is query ``r // G`` of head
 ``kvh * G + r % G``, so the GQA group's rows share every K/V tile. Each warp owns 16 * MT rows;
 with MT = 1 and D <= 128 their Q fragments stay in registers for the whole walk, else they are
 re-read from shared memory per k-step (each K / V fragment then feeds MT mma). K / V tiles of BK
@@ -125,14 +131,18 @@ def tf32_pads(D: int) -> tuple:
 
 @functools.cache
 def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: int = None, SOFTCAP: bool = False,
-                   ALIBI: bool = False, WINDOW: bool = False, HWCVT: bool = False):
+                   ALIBI: bool = False, WINDOW: bool = False, HWCVT: bool = False, SPLIT: bool = False):
     """The tensor-core prefill for head dim D (a multiple of 16), type ``kind`` (BF16 / F16 code: q,
     out and the m16n8k16 mma; F32: q, K/V and out float32, every product as 3xTF32 m16n8k8 mma --
     ``tf32_split``), K/V of ``kv_code`` (``kind``, or E4M3 / E5M2 codes decoded into the
     tiles), NW warps of MT m-tiles (16 rows each: BQ = 16 * MT * NW rows) and BK keys per tile (a
     multiple of 16); SOFTCAP / ALIBI turn the score modifiers on and WINDOW the sliding window (plain
     attention pays nothing for them); HWCVT: the device has the FP8 -> F16 pair converter (sm_89+),
-    which E4M3 codes then go through (E5M2 pairs need none)."""
+    which E4M3 codes then go through (E5M2 pairs need none). SPLIT: the split-K decode on tensor
+    cores -- the decode work list (``work`` row 2), grid z = partitions of ``part_len`` keys from
+    the sequence's first visible key, and with more than one partition each block writes its
+    normalized partial output and (max, sum) into ``po`` / ``pml`` for ``paged_decode.merge_kernel``
+    (the decode kernel's layout) instead of ``out`` / ``lse``."""
     kv_code = kind if kv_code is None else kv_code
     MOD = SOFTCAP or ALIBI
     KV8 = kv_code in (E4M3, E5M2)
@@ -162,10 +172,11 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
     PVG = NS                     # TF32: k-steps of 8 keys per group of the P V products
     A_N, B_N = (max(8, 4 * PVG) * MT, 4) if TF else (1, 1)   # TF32 fragments (hi / lo)
     C_N = max(S_N, 8 * MT) if TF else 1     # TF32: a chunk's partial sums
+    assert not (TF and SPLIT), "the split-K decode on tensor cores takes 16-bit q"
 
     @cuda.jit(cache=True)
     def kernel(q, k, v, table, seq_lens, work, H, stride_h, stride_i, bs, Hkv, qk_scale, out_scale, causal,
-               window, softcap, slopes, out, lse, flag):
+               window, softcap, slopes, out, lse, flag, part_len, po, pml):
         sm = cuda.shared.array(0, TILE_T)
         sm8 = cuda.shared.array(0, uint8)       # the same dynamic shared memory (FP8 staging)
         sm32 = cuda.shared.array(0, uint32)
@@ -177,7 +188,8 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         l8 = lane % 8
         m8 = lane // 8
         uG = np.uint32(H // Hkv)
-        b = work[3, cuda.blockIdx.x // Hkv]
+        wl = cuda.blockIdx.x // Hkv     # entry of the work list
+        b = work[2 if SPLIT else 3, wl]
         kvh = cuda.blockIdx.x % Hkv
         Sq = work[1, b]
         R = np.uint32(uG * np.uint32(Sq))
@@ -213,6 +225,15 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
         r_last = min(R, R0 + np.uint32(BQ)) - np.uint32(1)
         kbeg, kfull = _key_range(first + int32(udiv32(R0, uG)), L, causal, window, WINDOW)
         klo, kend = _key_range(first + int32(udiv32(r_last, uG)), L, causal, window, WINDOW)
+        if SPLIT:   # this block's partition: keys [pfrom, pfrom + part_len) of the walk, every row clamped
+            pfrom = (max(0, first - window) if WINDOW else 0) + cuda.blockIdx.z * part_len
+            kbeg = max(kbeg, pfrom)
+            kend = min(kend, pfrom + part_len)
+            kfull = min(kfull, kend)
+            klo = max(klo, kbeg)
+            for rr in range(R_N):
+                lo[rr] = max(lo[rr], kbeg)
+                hi[rr] = min(hi[rr], kend)
         n_tiles = (kend - kbeg + BK - 1) // BK if kend > kbeg else 0
         cap = float32(softcap)
         inv_cap = float32(1.0) / cap if SOFTCAP else float32(0.0)
@@ -230,8 +251,8 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
             cp_async16(sm, row * DPQ + ch * E, q, src, n)
         # Pool rows of each tile's tokens, resolved two tiles ahead into a ring of 3 slot lists.
         slots = cuda.shared.array((3, BK), int32)
-        resolve_slots(slots[0], table, b, kvh, kbeg, kend, bs, Hkv, tid, BK)
-        resolve_slots(slots[1], table, b, kvh, kbeg + BK, kend, bs, Hkv, tid, BK)
+        resolve_slots(slots[0], table, b, kvh, kbeg, kend, bs, Hkv, tid, BK, NT)
+        resolve_slots(slots[1], table, b, kvh, kbeg + BK, kend, bs, Hkv, tid, BK, NT)
         cuda.syncthreads()
         if n_tiles > 0:
             if KV8:
@@ -292,7 +313,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                             BK, D, DPK, DPV, E, False)
             cp_async_commit()
             if it + 2 < n_tiles:   # read after the next iteration's syncthreads
-                resolve_slots(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK)
+                resolve_slots(slots[r2], table, b, kvh, k0 + 2 * BK, kend, bs, Hkv, tid, BK, NT)
             ring = r1
             kb = KOFF + cur * TILEK + ka
             vb = VOFF + cur * TILEV + va
@@ -428,7 +449,16 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                     inv = float32(out_scale) / tot
                 orow = q_row(row0, h, i, stride_h, stride_i)
                 oo = (rr // 2) * O1 + 2 * (rr % 2)
-                if TF:      # out: float32 bits; dims 16 c + 4 t .. + 3 (the permuted n index)
+                if SPLIT and cuda.gridDim.z > 1:    # a partial state for the merge (float32, base 2)
+                    part = cuda.blockIdx.z
+                    inv = float32(1.0) / tot if tot > 0 else float32(0.0)
+                    for dt in range(NO):
+                        po[wl, h, i, part, dt * 8 + 2 * t4] = o[oo + dt * 4] * inv
+                        po[wl, h, i, part, dt * 8 + 2 * t4 + 1] = o[oo + dt * 4 + 1] * inv
+                    if t4 == 0:
+                        pml[wl, h, i, part, 0] = m[rr] if tot > 0 else NEG_INF
+                        pml[wl, h, i, part, 1] = tot
+                elif TF:      # out: float32 bits; dims 16 c + 4 t .. + 3 (the permuted n index)
                     for c in range(D // 16):
                         at = orow * D + 16 * c + 4 * t4
                         out[at] = f2u(o[oo + 8 * c] * inv)
@@ -439,7 +469,7 @@ def prefill_kernel(D: int, kind: int, NW: int, BK: int, MT: int = 1, kv_code: in
                     for dt in range(NO):
                         out[orow * (D // 2) + dt * 4 + t4] = pack2(kind, o[oo + dt * 4] * inv,
                                                                   o[oo + dt * 4 + 1] * inv)
-                if t4 == 0:
+                if t4 == 0 and not (SPLIT and cuda.gridDim.z > 1):
                     lse[orow] = (m[rr] + math.log2(tot)) * LN2 if tot > 0 else NEG_INF
 
     return kernel

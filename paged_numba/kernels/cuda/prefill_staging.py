@@ -30,16 +30,19 @@ def kv_shift(row):
 
 
 @cuda.jit(device=True, inline=True)
-def resolve_slots(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK):
-    """Threads 0 .. BK - 1 write into ``slots`` the pool row (slot * Hkv + kvh) of token k0 + tid
-    (-1 from kend on): one table read and one 32-bit division per token and tile."""
-    if tid < BK:
-        t = np.uint32(k0 + tid)
-        x = int32(-1)
-        if t < kend:
-            blk = udiv32(t, np.uint32(bs))
-            x = int32((table[b, blk] * bs + int32(t - blk * np.uint32(bs))) * Hkv + kvh)
-        slots[tid] = x
+def resolve_slots(slots, table, b, kvh, k0, kend, bs, Hkv, tid, BK, NT):
+    """The NT threads write into ``slots`` the pool row (slot * Hkv + kvh) of tokens k0 .. k0 + BK - 1
+    (-1 from kend on), thread tid tokens tid, tid + NT, ...: one table read and one 32-bit division
+    per token and tile."""
+    for j in range((BK + NT - 1) // NT):       # a compile-time trip count: unrolled
+        c = tid + NT * j
+        if BK % NT == 0 or c < BK:
+            t = np.uint32(k0 + c)
+            x = int32(-1)
+            if t < kend:
+                blk = udiv32(t, np.uint32(bs))
+                x = int32((table[b, blk] * bs + int32(t - blk * np.uint32(bs))) * Hkv + kvh)
+            slots[c] = x
 
 
 @cuda.jit(device=True, inline=True)

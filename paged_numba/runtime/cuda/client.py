@@ -30,6 +30,11 @@ class CudaClient(Client):
     #: F16 / BF16 backward (head dims multiples of 16 up to 128, no softcap / ALiBi) on tensor
     #: cores; False: the SIMT kernels.
     backward_mma = True
+    #: F16 / BF16 decode (up to 4 queries per sequence; K/V of q's dtype; head dims multiples of 16
+    #: up to 128; batches of at least ``plan.mma_decode_wanted`` row blocks) as a split-K walk on
+    #: tensor cores (``paged_prefill`` with SPLIT); False: the SIMT decode kernel (kept for F32,
+    #: FP8 K/V, other head dims, long single sequences, and for comparisons).
+    decode_mma = True
     #: A plan's second and later runs launch through cuLaunchKernel with argument buffers packed
     #: once (``launch.PreparedLaunch``); False: every launch goes through numba's dispatcher.
     prepared_launch = True
@@ -204,7 +209,8 @@ class CudaClient(Client):
                 lse.copy_to_device(np.full(cfg.lse_shape, -np.inf, np.float32), stream=s)
             return out, lse
         mma = bool(cfg.tiled_seqs.size) and self._mma_prefill_ok(cfg, q, k, v)
-        key = (cfg.q_dtype.code, cfg.kv_dtype.code, float(qk_scale), float(out_scale), mma)
+        dmma = bool(cfg.decode_seqs.size) and self._mma_decode_ok(cfg, q, k, v)
+        key = (cfg.q_dtype.code, cfg.kv_dtype.code, float(qk_scale), float(out_scale), mma, dmma)
         prepared = st.prepared.get(key) if self.prepared_launch else None
         if prepared is not None:
             arrays = {n: (device_ptr(x), x.size * x.dtype.itemsize)
@@ -220,7 +226,7 @@ class CudaClient(Client):
             else:
                 self._prepared_ok = True
         if prepared is None:
-            launches = self._forward_launches(cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma)
+            launches = self._forward_launches(cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma, dmma)
             for launch in launches:
                 self._launch(launch, s)
             if st.own and self.prepared_launch and not self.runtime.simulator:
@@ -239,7 +245,7 @@ class CudaClient(Client):
         warnings.warn(f"paged_numba: prepared CUDA launches are unavailable ({type(exc).__name__}: {exc}); "
                       "plans launch through numba's dispatcher", RuntimeWarning, stacklevel=3)
 
-    def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma) -> list:
+    def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma, dmma=False) -> list:
         """The forward's launches (``launch.Launch`` records) for the plan state ``st``."""
         n_rows = lse.size
         out2, lse1 = out.reshape(n_rows, cfg.D), lse.reshape(n_rows)
@@ -249,7 +255,8 @@ class CudaClient(Client):
             tiled = self._tiled_mma if mma else self._tiled
             launches += tiled(cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1)
         if cfg.decode_seqs.size:
-            launches += self._decode(cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1)
+            decode = self._decode_mma if dmma else self._decode
+            launches += decode(cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1)
         return launches
 
     def _tiled(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
@@ -277,9 +284,8 @@ class CudaClient(Client):
     def _decode(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
         """The split-K decode kernel (and its merge) over ``cfg.decode_seqs``; partitions cover each
         sequence's keys from the first one its window lets a query see."""
-        from ...kernels.cuda.paged_decode import decode_kernel, merge_kernel
+        from ...kernels.cuda.paged_decode import decode_kernel
 
-        cuda = self._cuda
         rt = self.runtime
         meta = st.meta
         D, kd = cfg.D, cfg.kv_dtype
@@ -298,24 +304,67 @@ class CudaClient(Client):
                              **lp.geometry, **self._mods(cfg), HWCVT=_plan.fp8_hw_convert(rt.cc))
         kr = k.reshape(k.size).view(wdt)    # flat word arrays
         vr = v.reshape(v.size).view(wdt)
-        shape = (seqs.size, cfg.H, sq, n_parts)
-        s = st.stream
-        if n_parts == 1:   # the kernel writes out / lse itself; po / pml only carry the shape
-            po, pml = st.cached(("dummy", sq), lambda: (cuda.device_array((1, 1, sq, 1, 1), np.float32,
-                                                                          stream=s),) * 2)
-        else:
-            po, pml = st.cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32, stream=s),
-                                                               cuda.device_array((*shape, 2), np.float32, stream=s)))
+        # with one partition the kernel writes out / lse itself; po / pml only carry the shape
+        po, pml = self._split_scratch(st, (seqs.size, cfg.H, sq, n_parts), D)
         args = (q2, kr, vr, meta.table, meta.lens, meta.work, bs, Hkv, cfg.H, sh, si, qk_scale, out_scale,
                 cfg.causal, cfg.window_left, cfg.softcap, meta.slopes, out2, lse1, po, pml, meta.flag)
         roles = {0: ("q", (D,), q2.dtype.itemsize), 1: ("k", (), wdt.itemsize), 2: ("v", (), wdt.itemsize),
                  17: ("out", (D,), out2.dtype.itemsize), 18: ("lse", (), 4)}
         launches = [Launch(kern, lp.grid, lp.NT, 0, args, roles)]
         if n_parts > 1:
-            MT = lp.merge_threads
-            launches.append(Launch(merge_kernel(D, cfg.q_dtype.code, MT), seqs.size * cfg.H * sq, MT, 0,
-                                   (po, pml, meta.work, sh, si, out_scale, out2, lse1),
-                                   {6: ("out", (D,), out2.dtype.itemsize), 7: ("lse", (), 4)}))
+            launches.append(self._merge_launch(cfg, st, seqs.size * cfg.H * sq, po, pml, out_scale, out2, lse1))
+        return launches
+
+    def _split_scratch(self, st, shape, D):
+        """The split-K partial outputs / (max, sum) of ``shape`` = (sequences, H, SQ, partitions),
+        kept in the plan state; with one partition only placeholders that carry SQ."""
+        cuda, s = self._cuda, st.stream
+        if shape[3] == 1:
+            return st.cached(("dummy", shape[2]), lambda: (cuda.device_array((1, 1, shape[2], 1, 1), np.float32,
+                                                                              stream=s),) * 2)
+        return st.cached(("split", *shape, D), lambda: (cuda.device_array((*shape, D), np.float32, stream=s),
+                                                        cuda.device_array((*shape, 2), np.float32, stream=s)))
+
+    def _merge_launch(self, cfg, st, n_rows, po, pml, out_scale, out2, lse1):
+        from ...kernels.cuda.paged_decode import merge_kernel
+
+        _, sh, si = cfg.row_layout()
+        MT = _plan.merge_threads(cfg.D, self.runtime.simulator)
+        return Launch(merge_kernel(cfg.D, cfg.q_dtype.code, MT), n_rows, MT, 0,
+                      (po, pml, st.meta.work, sh, si, out_scale, out2, lse1),
+                      {6: ("out", (cfg.D,), out2.dtype.itemsize), 7: ("lse", (), 4)})
+
+    def _decode_mma(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
+        """The split-K decode on tensor cores over ``cfg.decode_seqs``: ``paged_prefill``'s kernel with
+        SPLIT, one block per (sequence, KV head, 16 query rows, partition), and the merge."""
+        from ...kernels.cuda.paged_prefill import prefill_kernel, smem_bytes
+
+        rt = self.runtime
+        meta = st.meta
+        D, kd = cfg.D, cfg.kv_dtype
+        bs, Hkv = cfg.kv_shape[1:3]
+        _, sh, si = cfg.row_layout()
+        seqs = cfg.decode_seqs
+        sq = int(cfg.q_lens[seqs].max())
+        span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
+        window = cfg.window_left >= 0
+        mods = self._mods(cfg)
+        NW, MT, BK = _plan.mma_decode_tiles(D, rt.simulator)
+        row_tiles = -(-cfg.G * sq // (16 * MT * NW))
+        PT = _plan.mma_decode_partition(span, seqs.size * Hkv * row_tiles, rt.sm_count, BK, rt.simulator)
+        n_parts = max(1, -(-span // PT))
+        kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods,
+                              HWCVT=_plan.fp8_hw_convert(rt.cc), SPLIT=True)
+        po, pml = self._split_scratch(st, (seqs.size, cfg.H, sq, n_parts), D)
+        args = (_flat(q2, False), _flat(k, False), _flat(v, False), meta.table, meta.lens, meta.work,
+                cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
+                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag, PT, po, pml)
+        roles = {0: ("q", (), q2.dtype.itemsize), 1: ("k", (), kd.itemsize), 2: ("v", (), kd.itemsize),
+                 17: ("out", (), 4), 18: ("lse", (), 4)}
+        launches = [Launch(kern, (seqs.size * Hkv, row_tiles, n_parts), 32 * NW,
+                           smem_bytes(D, NW, BK, MT, kd.is_fp8), args, roles)]
+        if n_parts > 1:
+            launches.append(self._merge_launch(cfg, st, seqs.size * cfg.H * sq, po, pml, out_scale, out2, lse1))
         return launches
 
     def _tiled_mma(self, cfg, st, q2, k, v, qk_scale, out_scale, out2, lse1):
@@ -335,11 +384,28 @@ class CudaClient(Client):
                               HWCVT=_plan.fp8_hw_convert(self.runtime.cc))
         args = (_flat(q2, tf32), _flat(k, tf32), _flat(v, tf32), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
-                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag)
+                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag, 0, *self._split_scratch(st, (1, 1, 1, 1), D))
         grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
         roles = {0: ("q", (), q2.dtype.itemsize), 1: ("k", (), kd.itemsize), 2: ("v", (), kd.itemsize),
                  17: ("out", (), 4), 18: ("lse", (), 4)}
         return [Launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8, tf32), args, roles)]
+
+    def _mma_decode_ok(self, cfg, q, k, v) -> bool:
+        """The decode on tensor cores takes F16 / BF16 q with K/V of the same dtype or FP8, head dims
+        that are multiples of 16 up to 128 (at 256 one warp's accumulators spill) and 16-byte aligned
+        q / K / V (as the tensor-core prefill)."""
+        code = cfg.q_dtype.code
+        if not (self.decode_mma and cfg.D % 16 == 0 and cfg.D <= 128 and code in (F16, BF16)
+                and cfg.kv_dtype.code == code):
+            return False
+        sq = int(cfg.q_lens[cfg.decode_seqs].max())
+        NW, MT, _ = _plan.mma_decode_tiles(cfg.D, self.runtime.simulator)
+        row_blocks = cfg.decode_seqs.size * cfg.Hkv * -(-cfg.G * sq // (16 * MT * NW))
+        if not _plan.mma_decode_wanted(row_blocks, self.runtime.sm_count, self.runtime.simulator):
+            return False
+        if self.runtime.simulator:
+            return True
+        return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded

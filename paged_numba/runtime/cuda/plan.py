@@ -124,6 +124,51 @@ def mma_tiles(D: int, sim: bool, fp8: bool = False, window: bool = False, mods: 
     return (8, 1, 64) if fp8 or window or mods else (4, 2, 32)
 
 
+# The split-K decode on tensor cores (``paged_prefill`` with SPLIT): a block is one warp of 16 query
+# rows -- a (sequence, KV head)'s G * Sq decode rows, padded -- walking one partition of keys in
+# tiles of MMA_DECODE_BK; partitions shrink (down to MMA_DECODE_MIN_PT) until the grid has
+# MMA_DECODE_BLOCKS_PER_SM blocks per SM, so every SM keeps several tiles' copies in flight.
+# The H200 sweep (scripts/decode_sweep.py --mma, 2026-12-04): B32 H32/8 D128 L4096 BF16 177 us with
+# 32-key tiles (64: 191-213 us; SIMT decode 277 us); B1 L65536 242 us against the SIMT decode's 149
+# (one sequence's 8 row blocks need hundreds of partitions, and their merge is serial per row), so
+# batches with fewer row blocks than MMA_DECODE_MIN_ROW_BLOCKS_PER_SM per SM keep the SIMT decode;
+# FP8 K/V too (376-700 us against 230: the codes' decode after each tile's wait serializes one warp).
+MMA_DECODE_BK = 32
+MMA_DECODE_BLOCKS_PER_SM = 16
+MMA_DECODE_MIN_PT = 256
+MMA_DECODE_MIN_ROW_BLOCKS_PER_SM = 1
+
+
+def mma_decode_wanted(row_blocks: int, sm_count: int, sim: bool) -> bool:
+    """Whether a decode batch of ``row_blocks`` (sequence, KV head, 16-row) blocks per partition goes
+    to the tensor-core decode: at least ``MMA_DECODE_MIN_ROW_BLOCKS_PER_SM`` per SM (always on the
+    simulator, so CI runs it)."""
+    return sim or row_blocks >= MMA_DECODE_MIN_ROW_BLOCKS_PER_SM * sm_count
+
+
+def mma_decode_tiles(D: int, sim: bool) -> tuple:
+    """(NW, MT, BK) of the split-K decode on tensor cores for head dim D: one warp of one m-tile (the
+    decode rows of a (sequence, KV head) are few: more warps would idle) over ``MMA_DECODE_BK``-key
+    tiles (head dims up to 128: the client keeps the SIMT decode above); the simulator runs 16-key
+    tiles."""
+    if sim:
+        return 1, 1, 16
+    return 1, 1, MMA_DECODE_BK
+
+
+def mma_decode_partition(span: int, row_blocks: int, sm_count: int, BK: int, sim: bool) -> int:
+    """Keys per partition of the split-K decode on tensor cores: the longest power of two up to
+    ``DECODE_MAX_PT`` (down to ``MMA_DECODE_MIN_PT``, at least BK) that gives the grid
+    ``MMA_DECODE_BLOCKS_PER_SM`` blocks per SM; 16 on the simulator (several partitions, merged)."""
+    if sim:
+        return 16
+    pt = DECODE_MAX_PT
+    floor = max(BK, MMA_DECODE_MIN_PT)
+    while pt > floor and row_blocks * -(-span // pt) < MMA_DECODE_BLOCKS_PER_SM * sm_count:
+        pt //= 2
+    return pt
+
+
 # The 3xTF32 backward (F32; 32-bit tiles, 16-row steps): 8 warps over 128 keys where a block may opt
 # in to 227 KB of shared memory (215,040 B at D 128), 4 warps on 163 KB parts (129,024 B), 2 on
 # 99 KB parts (86,016 B). 8 x 16 was the fastest of the H200 sweep (benchmarks/gpu_backward.py
