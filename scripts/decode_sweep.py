@@ -191,6 +191,8 @@ def mma_sweep(args):
             print(f"  SIMT decode kernel:              {t * 1e6:8.1f} us  {kv_bytes / t / 1e12:5.2f} TB/s", flush=True)
             client.decode_mma = True
             saved = plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM
+            min_rb = plan.MMA_DECODE_MIN_ROW_BLOCKS_PER_SM
+            plan.MMA_DECODE_MIN_ROW_BLOCKS_PER_SM = 0      # every shape through the tensor-core decode
             for c in args.mma:
                 bk, minpt, bps = (int(x) for x in c.split(","))
                 plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM = bk, minpt, bps
@@ -204,6 +206,7 @@ def mma_sweep(args):
                     print(f"  mma {c}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 finally:
                     plan.MMA_DECODE_BK, plan.MMA_DECODE_MIN_PT, plan.MMA_DECODE_BLOCKS_PER_SM = saved
+            plan.MMA_DECODE_MIN_ROW_BLOCKS_PER_SM = min_rb
             torch.cuda.empty_cache()
 
 
