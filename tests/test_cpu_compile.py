@@ -200,3 +200,43 @@ def test_launch_restores_the_thread_count_after_an_error():
     with pytest.raises(RuntimeError, match="boom"):
         launch(kernel, (), 8, 0.0)
     assert seen == [1] and numba.get_num_threads() == threads
+
+
+def test_launch_chunks_serial_kernels_over_threads():
+    """A serial ``nogil`` kernel (the backward's kind) runs every item exactly once whether on the
+    calling thread or split into chunks over the pool, and an error in one chunk is raised after
+    the other chunks finished."""
+    import threading
+
+    from numba import njit
+
+    from paged_numba.kernels.cpu import launch as L
+
+    @njit(nogil=True)
+    def double(x, out, start, stop):
+        for i in range(start, stop):
+            out[i] += 2.0 * x[i]
+
+    x = np.arange(37, dtype=np.float64)
+    for est_us in (0.0, 1e9):
+        out = np.zeros_like(x)
+        L.launch(double, (x, out), x.size, est_us)
+        np.testing.assert_array_equal(out, 2.0 * x)
+
+    done, lock = [], threading.Lock()
+
+    class Kernel:
+        targetoptions = {"nogil": True}
+
+        def __call__(self, start, stop):
+            if start == 0:
+                raise RuntimeError("boom")
+            with lock:
+                done.extend(range(start, stop))
+
+    threads = min(numba.get_num_threads(), 40)
+    with pytest.raises(RuntimeError, match="boom"):
+        L.launch(Kernel(), (), 40, 1e9)
+    if threads > 1:
+        first = 40 // min(40, threads * L.CHUNKS_PER_THREAD)
+        assert sorted(done) == list(range(first, 40))

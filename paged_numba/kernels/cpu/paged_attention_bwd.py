@@ -24,8 +24,9 @@ Arguments (float32 unless said, C-contiguous, validated by ``ops/config.py``):
 Kernels come from memoized factories (``dkdv_kernel(kv_code, gemm)``, ``dq_kernel(kv_code, gemm)``)
 whose DType code and path are closure constants, so a call compiles only its dtype's decoder and
 one path; plain calls and calls with modifiers share them (the modifiers are run-time values, whose
-branches sit outside the inner loops). Each kernel runs a range of work items as a ``prange`` loop;
-the client picks the thread count (``launch``). ``delta`` is computed by the client (NumPy).
+branches sit outside the inner loops). Each kernel is a serial ``nogil`` loop over a range of work
+items, which ``launch`` splits over threads (it compiles in half the time of a ``prange`` loop).
+``delta`` is computed by the client (NumPy).
 
 Two passes, each partitioned so that no two threads write the same element (no atomics, no
 per-thread copies of the pool):
@@ -47,11 +48,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import FASTMATH
 from .codecs import load_row
-from .gemm import accumulate, accumulate_rows, matmul, prefer_512, scores
+from .gemm import accumulate, accumulate_rows, matmul, no_alias, prefer_512, scores
 from .mathf import tanh_f32
 from .paged_attention import LOG2E, exp2_shifted, row_window
 
@@ -237,17 +238,18 @@ def dkdv_kernel(kv_code: int, gemm: bool):
 
     Kernel arguments ``(qf, dof, k, v, delta, lse2, seq_lens, q_lens, row0, sh, si, scale, causal,
     window_left, softcap, slopes, blocks, rd_start, rd_b, rd_lb, dk, dv, start, stop)``, running
-    work items ``start <= item < stop`` of ``Hkv * n_used`` (item = kvh * n_used + u) as a
-    ``prange`` loop: ``blocks`` int64 [n_used]; ``rd_start`` int64 [n_used + 1]; ``rd_b``,
+    work items ``start <= item < stop`` of ``Hkv * n_used`` (item = kvh * n_used + u; ``launch``
+    splits the range over threads): ``blocks`` int64 [n_used]; ``rd_start`` int64 [n_used + 1]; ``rd_b``,
     ``rd_lb`` int64 [n_readers]; ``dk``, ``dv`` float32 [N, bs, Hkv, D] (zero on entry; slots
     seen are written); the others as in the module docstring.
     """
     KV_CODE, GEMM = int(kv_code), bool(gemm)
 
-    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+    @njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def bwd_dkdv(qf, dof, k, v, delta, lse2, seq_lens, q_lens, row0, sh, si, scale, causal, window_left,
                  softcap, slopes, blocks, rd_start, rd_b, rd_lb, dk, dv, start, stop):
-        for item in prange(start, stop):
+        no_alias()   # as numba's prange lowering marked its loop body's arrays
+        for item in range(start, stop):
             prefer_512()
             dkdv_item(item, qf, dof, k, v, delta, lse2, seq_lens, q_lens, row0, sh, si, scale, causal,
                       window_left, softcap, slopes, blocks, rd_start, rd_b, rd_lb, dk, dv, KV_CODE, GEMM)
@@ -343,16 +345,17 @@ def dq_kernel(kv_code: int, gemm: bool):
 
     Kernel arguments ``(qf, dof, k, v, delta, lse2, table, seq_lens, q_lens, row0, sh, si, it_b,
     it_kvh, it_q0, it_nq, scale, causal, window_left, softcap, slopes, dq, start, stop)``, running
-    work items ``start <= item < stop`` as a ``prange`` loop: ``it_*`` int32 [items]; ``dq``
-    float32 [rows, D] (every row of a sequence with queries written); the others as in the module
+    work items ``start <= item < stop`` (``launch`` splits the range over threads): ``it_*`` int32
+    [items]; ``dq`` float32 [rows, D] (every row of a sequence with queries written); the others as in the module
     docstring.
     """
     KV_CODE, GEMM = int(kv_code), bool(gemm)
 
-    @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+    @njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
     def bwd_dq(qf, dof, k, v, delta, lse2, table, seq_lens, q_lens, row0, sh, si, it_b, it_kvh, it_q0,
                it_nq, scale, causal, window_left, softcap, slopes, dq, start, stop):
-        for item in prange(start, stop):
+        no_alias()   # as numba's prange lowering marked its loop body's arrays
+        for item in range(start, stop):
             prefer_512()
             dq_item(it_b[item], it_kvh[item], it_q0[item], it_nq[item], qf, dof, k, v, delta, lse2, table,
                     seq_lens, q_lens, row0, sh, si, scale, causal, window_left, softcap, slopes, dq,
