@@ -87,16 +87,18 @@ def main(argv=None) -> int:
 
     ref = {}
 
+    def pool(x):
+        """The paged pool of contiguous [B, Hkv, L, D] x: logical block m of sequence b is physical
+        block table[b, m]."""
+        blocks = x.transpose(1, 2).reshape(B, M, bs, Hkv, D).reshape(N, bs, Hkv, D)
+        p = torch.empty_like(blocks)
+        p[perm] = blocks
+        return p.contiguous()
+
     def flex_row(name, q, k, v, dout, dq_t, t_ref):
         """torch flex_attention's paged path (benchmarks/flex_paged.py) on the same K/V and table:
         the backward of its forward (autograd.grad, CUDA events), dq checked against SDPA's."""
         import flex_paged
-
-        def pool(x):
-            blocks = x.transpose(1, 2).reshape(B, M, bs, Hkv, D).reshape(N, bs, Hkv, D)
-            p = torch.empty_like(blocks)
-            p[perm] = blocks
-            return p
 
         label = f"torch flex_attention paged backward {name}"
         try:
@@ -132,13 +134,6 @@ def main(argv=None) -> int:
         log(f"torch {name}: {t_torch * 1e3:.2f} ms")
         if not args.no_flex and not args.dry_run:
             flex_row(name, q, k, v, dout, grads_t[0], t_ref)
-
-        # The paged pool: logical block m of sequence b is physical block table[b, m].
-        def pool(x):
-            blocks = x.transpose(1, 2).reshape(B, M, bs, Hkv, D).reshape(N, bs, Hkv, D)
-            p = torch.empty_like(blocks)
-            p[perm] = blocks
-            return p.contiguous()
 
         kb, vb = pool(k), pool(v)
 

@@ -167,3 +167,20 @@ def assert_unchanged(before, *arrays):
 def seed_of(*parts) -> int:
     """A deterministic RNG seed from test parameters (``hash(str)`` changes per process)."""
     return zlib.crc32(repr(parts).encode())
+
+
+def spy_tensor_core_factory(monkeypatch, split: bool) -> list:
+    """Record the calls of ``paged_prefill.prefill_kernel`` (the client imports the factory per
+    call) that build the split-K decode (``split``: SPLIT=True) or the prefill (SPLIT off): a list of
+    (args, kwargs) that grows as the client builds kernels."""
+    from paged_numba.kernels.cuda import paged_prefill
+
+    calls = []
+    real = paged_prefill.prefill_kernel
+
+    def counted(*a, **kw):
+        if bool(kw.get("SPLIT")) == split:
+            calls.append((a, kw))
+        return real(*a, **kw)
+    monkeypatch.setattr(paged_prefill, "prefill_kernel", counted)
+    return calls

@@ -13,7 +13,7 @@ import pytest
 
 import paged_numba as pn
 from helpers import (BF16, F16, OUT_TOL, RUNTIMES, assert_fwd_close, assert_unchanged, make_case, reference,
-                     seed_of, snapshot)
+                     seed_of, snapshot, spy_tensor_core_factory)
 
 SIM_OK = True
 
@@ -36,20 +36,10 @@ def spy(monkeypatch):
     """Record the tensor-core factory's calls that build the split-K decode (SPLIT); every decode
     batch of these small cases is routed to it (on a GPU the client keeps batches of few row blocks
     on the SIMT decode)."""
-    from paged_numba.kernels.cuda import paged_prefill
     from paged_numba.runtime.cuda import plan
 
     monkeypatch.setattr(plan, "MMA_DECODE_MIN_ROW_BLOCKS_PER_SM", 0)
-
-    calls = []
-    real = paged_prefill.prefill_kernel
-
-    def counted(*a, **kw):
-        if kw.get("SPLIT"):
-            calls.append((a, kw))
-        return real(*a, **kw)
-    monkeypatch.setattr(paged_prefill, "prefill_kernel", counted)
-    return calls
+    return spy_tensor_core_factory(monkeypatch, split=True)
 
 
 def _simt(fn):

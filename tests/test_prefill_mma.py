@@ -13,7 +13,7 @@ import pytest
 import paged_numba as pn
 from paged_numba.ops.reference import paged_attention_fwd_ref
 from helpers import (BF16, F16, F32, OUT_TOL, RUNTIMES, assert_fwd_close, assert_unchanged, make_case, reference,
-                     seed_of, snapshot)
+                     seed_of, snapshot, spy_tensor_core_factory)
 
 SIM_OK = True
 
@@ -31,19 +31,9 @@ IDS = ["gqa-shared", "mha-d32", "mqa-bs1-sq>L", "square"]
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Count the tensor-core prefill's launches (the client imports the factory per call); the
-    split-K decode on tensor cores (the same factory with SPLIT) is not counted."""
-    from paged_numba.kernels.cuda import paged_prefill
-
-    calls = []
-    real = paged_prefill.prefill_kernel
-
-    def counted(*a, **kw):
-        if not kw.get("SPLIT"):
-            calls.append((a, kw))
-        return real(*a, **kw)
-    monkeypatch.setattr(paged_prefill, "prefill_kernel", counted)
-    return calls
+    """Count the tensor-core prefill's launches; the split-K decode on tensor cores (the same
+    factory with SPLIT) is not counted."""
+    return spy_tensor_core_factory(monkeypatch, split=False)
 
 
 @pytest.fixture(params=["default", "2-warps-mt1"])

@@ -32,8 +32,8 @@ Grid (len(work list) * Hkv, ceil(max R / BQ)), 32 * NW threads; a row tile past 
 returns at once. SPLIT (the decode on tensor cores): the decode work list (``work`` row 2), and
 grid z = partitions -- partition z covers keys [s + z * part_len, s + (z + 1) * part_len) from the
 sequence's first visible key s, every row's visible range clamped to it; with one partition the
-block writes out / lse, else its partial state for the merge. A block owns BQ rows of one (sequence, KV head): row r is query ``r // G`` of head
-``kvh * G + r % G``, so the GQA group's rows share every K/V tile. Each warp owns 16 * MT rows;
+block writes out / lse, else its partial state for the merge. A block owns BQ rows of one
+(sequence, KV head): row r is query ``r // G`` of head ``kvh * G + r % G``, so the GQA group's rows share every K/V tile. Each warp owns 16 * MT rows;
 with MT = 1 and D <= 128 their Q fragments stay in registers for the whole walk, else they are
 re-read from shared memory per k-step (each K / V fragment then feeds MT mma). K / V tiles of BK
 tokens are gathered through the block table (token -> pool row resolved two tiles ahead into a

@@ -155,7 +155,7 @@ class CudaClient(Client):
             return False
         if cfg.softcap > 0.0 or cfg.alibi_slopes is not None:
             return False
-        return self.runtime.simulator or all(x.device_ctypes_pointer.value % 16 == 0 for x in arrays)
+        return self._cp_async_ok(*arrays)
 
     def _bwd_mma(self, cfg, meta, q2, do2, k, v, lse2, delta, dk, dv, dq2):
         """dK / dV (float32 pools ``dk`` / ``dv``, zeroed) and dQ (float32 atomics into a zeroed
@@ -245,7 +245,7 @@ class CudaClient(Client):
         warnings.warn(f"paged_numba: prepared CUDA launches are unavailable ({type(exc).__name__}: {exc}); "
                       "plans launch through numba's dispatcher", RuntimeWarning, stacklevel=3)
 
-    def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma, dmma=False) -> list:
+    def _forward_launches(self, cfg, st, q, k, v, qk_scale, out_scale, out, lse, mma, dmma) -> list:
         """The forward's launches (``launch.Launch`` records) for the plan state ``st``."""
         n_rows = lse.size
         out2, lse1 = out.reshape(n_rows, cfg.D), lse.reshape(n_rows)
@@ -292,9 +292,7 @@ class CudaClient(Client):
         wdt = _plan.word_dtype(D * kd.itemsize)
         bs, Hkv = cfg.kv_shape[1:3]
         _, sh, si = cfg.row_layout()
-        seqs = cfg.decode_seqs
-        sq = int(cfg.q_lens[seqs].max())
-        span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
+        seqs, sq, span = self._decode_batch(cfg)
         rows = cfg.G * sq
         rows_blocks = _plan.decode_row_blocks(seqs.size, Hkv, rows)
         lp = _plan.decode_launch(D, kd.itemsize, rows, span, rows_blocks, self._partition(span, rows_blocks),
@@ -314,6 +312,15 @@ class CudaClient(Client):
         if n_parts > 1:
             launches.append(self._merge_launch(cfg, st, seqs.size * cfg.H * sq, po, pml, out_scale, out2, lse1))
         return launches
+
+    @staticmethod
+    def _decode_batch(cfg):
+        """(sequences of the decode work list, their most queries, their longest key span from the
+        first key a window lets a query see)."""
+        seqs = cfg.decode_seqs
+        sq = int(cfg.q_lens[seqs].max())
+        span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
+        return seqs, sq, span
 
     def _split_scratch(self, st, shape, D):
         """The split-K partial outputs / (max, sum) of ``shape`` = (sequences, H, SQ, partitions),
@@ -344,13 +351,11 @@ class CudaClient(Client):
         D, kd = cfg.D, cfg.kv_dtype
         bs, Hkv = cfg.kv_shape[1:3]
         _, sh, si = cfg.row_layout()
-        seqs = cfg.decode_seqs
-        sq = int(cfg.q_lens[seqs].max())
-        span = int((cfg.seq_lens[seqs].astype(np.int64) - cfg.key_start()[seqs]).max())
+        seqs, sq, span = self._decode_batch(cfg)
         window = cfg.window_left >= 0
         mods = self._mods(cfg)
         NW, MT, BK = _plan.mma_decode_tiles(D, rt.simulator)
-        row_tiles = -(-cfg.G * sq // (16 * MT * NW))
+        row_tiles = _plan.mma_decode_row_tiles(cfg.G * sq, D, rt.simulator)
         PT = _plan.mma_decode_partition(span, seqs.size * Hkv * row_tiles, rt.sm_count, BK, rt.simulator)
         n_parts = max(1, -(-span // PT))
         kern = prefill_kernel(D, cfg.q_dtype.code, NW, BK, MT, kd.code, WINDOW=window, **mods,
@@ -384,28 +389,28 @@ class CudaClient(Client):
                               HWCVT=_plan.fp8_hw_convert(self.runtime.cc))
         args = (_flat(q2, tf32), _flat(k, tf32), _flat(v, tf32), meta.table, meta.lens, meta.work,
                 cfg.H, sh, si, bs, Hkv, qk_scale, out_scale, cfg.causal, cfg.window_left, cfg.softcap,
-                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag, 0, *self._split_scratch(st, (1, 1, 1, 1), D))
+                meta.slopes, out2.reshape(out2.size).view(np.uint32), lse1, meta.flag,
+                0, *self._split_scratch(st, (1, 1, 1, 1), D))     # no partitions: placeholders
         grid = (cfg.tiled_seqs.size * Hkv, -(-cfg.G * sq // (16 * MT * NW)))
         roles = {0: ("q", (), q2.dtype.itemsize), 1: ("k", (), kd.itemsize), 2: ("v", (), kd.itemsize),
                  17: ("out", (), 4), 18: ("lse", (), 4)}
         return [Launch(kern, grid, 32 * NW, smem_bytes(D, NW, BK, MT, kd.is_fp8, tf32), args, roles)]
 
     def _mma_decode_ok(self, cfg, q, k, v) -> bool:
-        """The decode on tensor cores takes F16 / BF16 q with K/V of the same dtype or FP8, head dims
-        that are multiples of 16 up to 128 (at 256 one warp's accumulators spill) and 16-byte aligned
+        """The decode on tensor cores takes F16 / BF16 q with K/V of the same dtype (FP8 K/V keep the
+        SIMT decode), head dims that are multiples of 16 up to 128 (at 256 one warp's accumulators
+        spill), batches of enough row blocks (``plan.mma_decode_wanted``) and 16-byte aligned
         q / K / V (as the tensor-core prefill)."""
         code = cfg.q_dtype.code
         if not (self.decode_mma and cfg.D % 16 == 0 and cfg.D <= 128 and code in (F16, BF16)
                 and cfg.kv_dtype.code == code):
             return False
+        sim = self.runtime.simulator
         sq = int(cfg.q_lens[cfg.decode_seqs].max())
-        NW, MT, _ = _plan.mma_decode_tiles(cfg.D, self.runtime.simulator)
-        row_blocks = cfg.decode_seqs.size * cfg.Hkv * -(-cfg.G * sq // (16 * MT * NW))
-        if not _plan.mma_decode_wanted(row_blocks, self.runtime.sm_count, self.runtime.simulator):
+        row_blocks = cfg.decode_seqs.size * cfg.Hkv * _plan.mma_decode_row_tiles(cfg.G * sq, cfg.D, sim)
+        if not _plan.mma_decode_wanted(row_blocks, self.runtime.sm_count, sim):
             return False
-        if self.runtime.simulator:
-            return True
-        return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
+        return self._cp_async_ok(q, k, v)
 
     def _mma_prefill_ok(self, cfg, q, k, v) -> bool:
         """The tensor-core prefill takes F16 / BF16 q with K/V of the same dtype or FP8 (decoded
@@ -418,9 +423,12 @@ class CudaClient(Client):
                 and (code in (F16, BF16) and (cfg.kv_dtype.code == code or cfg.kv_dtype.is_fp8)
                      or code == F32 and cfg.kv_dtype.code == F32 and cfg.D <= 128)):
             return False
-        if self.runtime.simulator:
-            return True
-        return all(x.device_ctypes_pointer.value % 16 == 0 for x in (q, k, v))
+        return self._cp_async_ok(q, k, v)
+
+    def _cp_async_ok(self, *arrays) -> bool:
+        """Whether the tensor-core kernels' 16-byte ``cp.async`` copies may read these device arrays:
+        16-byte aligned (always on the simulator, whose copies are element by element)."""
+        return self.runtime.simulator or all(x.device_ctypes_pointer.value % 16 == 0 for x in arrays)
 
     def _launch(self, launch, stream=0):
         """Launch a ``Launch`` record through numba on ``stream``. Above 48 KB of dynamic shared memory

@@ -156,6 +156,13 @@ def mma_decode_tiles(D: int, sim: bool) -> tuple:
     return 1, 1, MMA_DECODE_BK
 
 
+def mma_decode_row_tiles(rows: int, D: int, sim: bool) -> int:
+    """Row tiles (grid y) of the tensor-core decode for ``rows`` = G * q_len rows per (sequence, KV
+    head) at head dim D: blocks of ``mma_decode_tiles``' 16 * MT * NW rows."""
+    NW, MT, _ = mma_decode_tiles(D, sim)
+    return -(-rows // (16 * MT * NW))
+
+
 def mma_decode_partition(span: int, row_blocks: int, sm_count: int, BK: int, sim: bool) -> int:
     """Keys per partition of the split-K decode on tensor cores: the longest power of two up to
     ``DECODE_MAX_PT`` (down to ``MMA_DECODE_MIN_PT``, at least BK) that gives the grid
